@@ -1,0 +1,36 @@
+"""`lowmoe` command: dispatches to one module per subcommand, imported lazily so that
+`lowmoe --help` works on machines without CUDA and starts fast."""
+
+import argparse
+import importlib
+import sys
+
+COMMANDS = {
+    "decode": "generate text with a model (default: the bundled model)",
+    "info": "print a model's architecture and the bytes of dense vs expert weights",
+}
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="lowmoe", description="Decode MoE models whose experts do not fit in fast memory.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    modules = {}
+    for name, help_text in COMMANDS.items():
+        modules[name] = importlib.import_module(f"lowmoe.cli.{name}")
+        modules[name].add_arguments(sub.add_parser(name, help=help_text, description=help_text))
+    args = parser.parse_args(argv)
+
+    from lowmoe.errors import LowmoeError
+
+    try:
+        return modules[args.command].main(args)
+    except LowmoeError as e:
+        print(f"lowmoe {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

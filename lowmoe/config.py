@@ -1,0 +1,198 @@
+"""Model and engine configuration.
+
+`ModelConfig` turns a Hugging Face `config.json` into the few numbers and switches the decoder
+needs. Architectures differ only in data here (tensor names, which layers are sparse, norms,
+biases), never in subclasses. Keys that do not change the math are ignored.
+"""
+
+import json
+import os
+from dataclasses import dataclass
+
+from .errors import ConfigError, InputError
+
+SUPPORTED = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+
+# Per architecture: (MoE block prefix, expert projection names (gate, up, down)).
+_EXPERT_NAMES = {
+    "mixtral": ("block_sparse_moe", ("w1", "w3", "w2")),
+    "qwen2_moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+    "qwen3_moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+    "olmoe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+}
+_DEFAULT_THETA = {"mixtral": 1e6, "qwen2_moe": 1e4, "qwen3_moe": 1e4, "olmoe": 1e4}
+_DEFAULT_EPS = {"mixtral": 1e-5, "qwen2_moe": 1e-6, "qwen3_moe": 1e-6, "olmoe": 1e-5}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    tie_word_embeddings: bool
+    num_experts: int
+    top_k: int
+    norm_topk_prob: bool
+    expert_intermediate: int
+    dense_intermediate: int  # MLP width of the dense (non-MoE) layers
+    sparse_layers: tuple  # bool per layer: True where the MLP is a routed MoE block
+    shared_expert_intermediate: int  # 0: no shared expert (Qwen2-MoE has one, with a sigmoid gate)
+    qk_norm: str  # "none", "head" (Qwen3: RMSNorm over head_dim) or "full" (OLMoE: over all heads)
+    clip_qkv: float  # 0.0: no clipping
+    qkv_bias: bool
+    o_bias: bool
+    eos_token_ids: tuple
+
+    @property
+    def moe_prefix(self):
+        return _EXPERT_NAMES[self.model_type][0]
+
+    def expert_tensor_names(self, layer, expert):
+        """(gate, up, down) tensor names of one routed expert; gate/up [I, D], down [D, I]."""
+        prefix, (g, u, d) = _EXPERT_NAMES[self.model_type]
+        base = f"model.layers.{layer}.{prefix}.experts.{expert}."
+        return base + g + ".weight", base + u + ".weight", base + d + ".weight"
+
+    @property
+    def moe_layers(self):
+        return [i for i, s in enumerate(self.sparse_layers) if s]
+
+
+def _get(cfg, path, key, kind, default=None):
+    value = cfg.get(key, default)
+    if value is None:
+        raise ConfigError(f"{path}: missing key '{key}'")
+    if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{path}: '{key}' must be an integer, got {value!r}")
+    if kind is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise ConfigError(f"{path}: '{key}' must be a number, got {value!r}")
+    return value
+
+
+def _rope_theta(cfg, path, model_type):
+    params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    if not isinstance(params, dict):
+        raise ConfigError(f"{path}: 'rope_parameters' must be an object")
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind != "default":
+        raise ConfigError(f"{path}: rope type '{kind}' is not supported (only 'default')")
+    theta = params.get("rope_theta", cfg.get("rope_theta", _DEFAULT_THETA[model_type]))
+    return float(_get({"rope_theta": theta}, path, "rope_theta", float))
+
+
+def _check_no_sliding_window(cfg, path, model_type):
+    if model_type == "mixtral":
+        enabled = cfg.get("sliding_window") is not None
+    else:
+        enabled = bool(cfg.get("use_sliding_window", False))
+    if enabled:
+        raise ConfigError(f"{path}: sliding-window attention is enabled; lowmoe supports full attention only")
+
+
+def load_model_config(model_dir):
+    """Reads `model_dir/config.json` into a ModelConfig, or raises ConfigError naming the file."""
+    path = os.path.join(model_dir, "config.json")
+    if not os.path.isdir(model_dir):
+        raise ConfigError(f"{model_dir}: no such model folder")
+    if not os.path.isfile(path):
+        raise ConfigError(f"{path}: not found (a model folder needs config.json)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: invalid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    return parse_model_config(cfg, path)
+
+
+def parse_model_config(cfg, path="config.json"):
+    model_type = cfg.get("model_type")
+    if model_type not in SUPPORTED:
+        raise ConfigError(
+            f"{path}: unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED)}"
+        )
+    _check_no_sliding_window(cfg, path, model_type)
+    act = cfg.get("hidden_act", "silu")
+    if act != "silu":
+        raise ConfigError(f"{path}: hidden_act {act!r} is not supported (only 'silu')")
+
+    hidden = _get(cfg, path, "hidden_size", int)
+    layers = _get(cfg, path, "num_hidden_layers", int)
+    heads = _get(cfg, path, "num_attention_heads", int)
+    kv_heads = _get(cfg, path, "num_key_value_heads", int, heads)
+    head_dim = cfg.get("head_dim") or hidden // heads
+    experts = cfg.get("num_experts", cfg.get("num_local_experts"))
+    experts = _get({"num_experts": experts}, path, "num_experts", int)
+    top_k = _get(cfg, path, "num_experts_per_tok", int)
+    if heads % kv_heads or not 0 < top_k <= experts:
+        raise ConfigError(f"{path}: inconsistent heads ({heads}/{kv_heads}) or experts ({top_k} of {experts})")
+
+    if model_type in ("qwen2_moe", "qwen3_moe"):
+        expert_inter = _get(cfg, path, "moe_intermediate_size", int)
+        dense_inter = _get(cfg, path, "intermediate_size", int)
+        step = _get(cfg, path, "decoder_sparse_step", int, 1)
+        dense_only = set(cfg.get("mlp_only_layers") or [])
+        sparse = tuple(i not in dense_only and (i + 1) % step == 0 for i in range(layers))
+    else:
+        expert_inter = dense_inter = _get(cfg, path, "intermediate_size", int)
+        sparse = (True,) * layers
+
+    shared = 0
+    if model_type == "qwen2_moe":
+        shared = _get(cfg, path, "shared_expert_intermediate_size", int, 5632)
+    qkv_bias = {
+        "mixtral": False,
+        "qwen2_moe": bool(cfg.get("qkv_bias", True)),
+        "qwen3_moe": bool(cfg.get("attention_bias", False)),
+        "olmoe": bool(cfg.get("attention_bias", False)),
+    }[model_type]
+    o_bias = model_type in ("qwen3_moe", "olmoe") and qkv_bias
+    eos = cfg.get("eos_token_id")
+    eos = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+
+    return ModelConfig(
+        model_type=model_type,
+        vocab_size=_get(cfg, path, "vocab_size", int),
+        hidden_size=hidden,
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        rms_norm_eps=float(_get(cfg, path, "rms_norm_eps", float, _DEFAULT_EPS[model_type])),
+        rope_theta=_rope_theta(cfg, path, model_type),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        num_experts=experts,
+        top_k=top_k,
+        norm_topk_prob=True if model_type == "mixtral" else bool(cfg.get("norm_topk_prob", False)),
+        expert_intermediate=expert_inter,
+        dense_intermediate=dense_inter,
+        sparse_layers=sparse,
+        shared_expert_intermediate=shared,
+        qk_norm={"qwen3_moe": "head", "olmoe": "full"}.get(model_type, "none"),
+        clip_qkv=float(cfg.get("clip_qkv") or 0.0) if model_type == "olmoe" else 0.0,
+        qkv_bias=qkv_bias,
+        o_bias=o_bias,
+        eos_token_ids=eos,
+    )
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Run-time options. CLI flags and SHARPI_* variables map onto these fields."""
+
+    device: str = "cpu"
+
+    @classmethod
+    def from_options(cls, device="cpu", **options):
+        if options:
+            raise InputError(f"unknown engine option(s): {', '.join(sorted(options))}")
+        if device != "cpu":
+            raise InputError(f"device {device!r} is not available yet; use device='cpu'")
+        return cls(device=device)

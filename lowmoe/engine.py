@@ -1,0 +1,111 @@
+"""`Engine`: the public API. Owns the weights, the experts and a KV cache per call."""
+
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .checkpoint import Checkpoint
+from .config import EngineConfig, load_model_config
+from .errors import ConfigError, InputError
+from .experts import ResidentExperts
+from .model import KVCache, Model
+from .sampling import check_params, sample
+from .weights import load_dense
+
+DEFAULT_MODEL = os.path.join(os.path.dirname(__file__), "models", "default")
+
+
+@dataclass
+class Generation:
+    tokens: list  # new token ids
+    text: str  # decoded new tokens ("" without a tokenizer)
+    stats: dict = field(default_factory=dict)
+
+
+def load_tokenizer(model_dir):
+    path = os.path.join(model_dir, "tokenizer.json")
+    if not os.path.isfile(path):
+        return None
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_file(path)
+    except Exception as e:  # tokenizers raises a bare Exception on bad files
+        raise ConfigError(f"{path}: cannot load tokenizer ({str(e).splitlines()[0]})") from None
+
+
+class Engine:
+    def __init__(self, model_dir, cfg, options, model, tokenizer):
+        self.model_dir = model_dir
+        self.config = cfg
+        self.options = options
+        self.model = model
+        self.tokenizer = tokenizer
+
+    @classmethod
+    def from_pretrained(cls, path=DEFAULT_MODEL, device="cpu", **options):
+        options = EngineConfig.from_options(device=device, **options)
+        path = os.fspath(path)
+        cfg = load_model_config(path)
+        ckpt = Checkpoint(path)
+        model = Model(cfg, load_dense(ckpt, cfg), ResidentExperts(ckpt, cfg))
+        return cls(path, cfg, options, model, load_tokenizer(path))
+
+    def encode(self, text):
+        if self.tokenizer is None:
+            raise InputError(f"{self.model_dir}: no tokenizer.json; pass token ids instead of text")
+        ids = self.tokenizer.encode(text).ids
+        if not ids:
+            raise InputError("empty prompt")
+        return ids
+
+    def decode(self, ids):
+        return self.tokenizer.decode(list(ids)) if self.tokenizer is not None else ""
+
+    def _check_ids(self, token_ids):
+        ids = np.asarray(list(token_ids))
+        if ids.size == 0:
+            raise InputError("empty prompt: no token ids")
+        if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+            raise InputError("token ids must be a flat list of integers")
+        bad = ids[(ids < 0) | (ids >= self.config.vocab_size)]
+        if bad.size:
+            raise InputError(f"token id {int(bad[0])} is outside the vocabulary [0, {self.config.vocab_size})")
+        return ids.astype(np.int64)
+
+    def logits(self, token_ids):
+        """Full-sequence logits f32[T, vocab] for the given ids, from an empty context."""
+        ids = self._check_ids(token_ids)
+        return self.model.forward(ids, KVCache(self.config, len(ids)), all_logits=True)
+
+    def stream(self, token_ids, max_new_tokens, temperature=0.0, top_p=1.0, top_k=0, seed=None,
+               stop_at_eos=True, stats=None):
+        """Yields new token ids one at a time. `stats`, if a dict, is filled with timings."""
+        ids = self._check_ids(token_ids)
+        check_params(temperature, top_p, top_k)
+        rng = np.random.default_rng(seed)
+        kv = KVCache(self.config, len(ids) + max_new_tokens)
+        stats = {} if stats is None else stats
+        t0 = time.perf_counter()
+        logits = self.model.forward(ids, kv)
+        t1 = time.perf_counter()
+        stats.update(prefill_tokens=len(ids), prefill_s=t1 - t0, decode_tokens=0, decode_s=0.0)
+        for n in range(max_new_tokens):
+            token = sample(logits[-1], temperature, top_p, top_k, rng)
+            yield token
+            if n + 1 == max_new_tokens or (stop_at_eos and token in self.config.eos_token_ids):
+                break
+            t = time.perf_counter()
+            logits = self.model.forward(np.array([token], np.int64), kv)
+            stats["decode_s"] += time.perf_counter() - t
+            stats["decode_tokens"] += 1
+
+    def generate(self, token_ids, max_new_tokens, temperature=0.0, top_p=1.0, top_k=0, seed=None,
+                 stop_at_eos=True):
+        stats = {}
+        tokens = list(self.stream(token_ids, max_new_tokens, temperature, top_p, top_k, seed, stop_at_eos, stats))
+        stats["prefill_tok_s"] = stats["prefill_tokens"] / stats["prefill_s"] if stats["prefill_s"] else 0.0
+        stats["decode_tok_s"] = stats["decode_tokens"] / stats["decode_s"] if stats["decode_s"] else 0.0
+        return Generation(tokens=tokens, text=self.decode(tokens), stats=stats)

@@ -1,0 +1,17 @@
+"""Typed errors. The CLI prints `str(error)` as one line and exits with status 2."""
+
+
+class LowmoeError(Exception):
+    """Base of every error lowmoe raises on bad input."""
+
+
+class ConfigError(LowmoeError):
+    """config.json is missing, unreadable, or describes something lowmoe cannot run."""
+
+
+class CheckpointError(LowmoeError):
+    """A safetensors file or index is missing, truncated, corrupt, or lacks a tensor."""
+
+
+class InputError(LowmoeError):
+    """Bad prompt or token ids, or bad options."""
