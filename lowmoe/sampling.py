@@ -18,6 +18,13 @@ def sample(logits, temperature, top_p, top_k, rng):
     """logits f32[V] -> token id. temperature 0 is greedy (lowest id wins a tie)."""
     if temperature == 0:
         return int(np.argmax(logits))
+    p = probabilities(logits, temperature, top_p, top_k)
+    return int(rng.choice(len(p), p=p))
+
+
+def probabilities(logits, temperature, top_p, top_k):
+    """f64[V] sampling distribution: softmax(logits / temperature), then top-k, then top-p
+    (keep the smallest set of most likely tokens whose mass reaches top_p), renormalised."""
     z = logits.astype(np.float64) / temperature
     if 0 < top_k < len(z):
         kth = np.partition(z, -top_k)[-top_k]
@@ -31,4 +38,4 @@ def sample(logits, temperature, top_p, top_k, rng):
         mask[order[keep]] = True
         p = np.where(mask, p, 0.0)
         p /= p.sum()
-    return int(rng.choice(len(p), p=p))
+    return p
