@@ -1,0 +1,241 @@
+"""Numba CPU kernels for decode and prefill.
+
+All activations are float32 C-contiguous arrays; every kernel accumulates in
+float32. Weights may be float32, or float16 / bfloat16 data viewed as uint16
+(Numba's CPU target has no half type) and are converted element by element in
+the inner loops, so no f32 copy of a weight matrix is ever made.
+
+Kernels are nogil (I/O threads can run while one thread computes) and cached on
+disk (a new process does not recompile). Parallel kernels use Numba's threading
+layer with its current thread count (numba.set_num_threads / NUMBA_NUM_THREADS).
+"""
+
+import os
+
+# GNU OpenMP (Numba's "omp" threading layer) spins idle worker threads between
+# parallel regions by default. With as many threads as cores, spinning steals
+# the CPU from I/O threads and any other process, and a preempted worker then
+# stalls every region: measured 20x slower expert_ffn next to a busy process.
+# Sleeping workers cost a few microseconds of wake-up per region instead. Must
+# be set before the OpenMP runtime loads (first parallel kernel call);
+# setdefault keeps a value the user chose.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numba  # noqa: E402
+import numpy as np  # noqa: E402
+from llvmlite import ir  # noqa: E402
+from numba import prange, types  # noqa: E402
+from numba.extending import intrinsic  # noqa: E402
+
+# reassoc lets LLVM vectorise f32 reductions, contract allows FMA. No nnan/ninf:
+# inf and nan in weights or activations must propagate as in PyTorch.
+_FAST = {"reassoc", "contract"}
+_JIT = dict(nogil=True, cache=True)
+
+
+@intrinsic
+def _to_f32(typingctx, w):
+    # One weight element -> float32, the conversion picked at compile time by
+    # the element type: float32 as is; uint16 holds IEEE half bits; int16
+    # holds bfloat16 bits (expert_ffn re-views bf16 data as int16 so that the
+    # array type alone selects the kernel specialisation).
+    i32 = ir.IntType(32)
+
+    def f32(context, builder, signature, args):
+        return args[0]
+
+    def f16(context, builder, signature, args):
+        # LLVM fpext is exact for subnormals, inf and nan, and becomes
+        # vcvtph2ps on x86 with F16C.
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+
+    def bf16(context, builder, signature, args):
+        # bfloat16 is the top half of a float32.
+        bits = builder.shl(builder.zext(args[0], i32), ir.Constant(i32, 16))
+        return builder.bitcast(bits, ir.FloatType())
+
+    codegen = {types.float32: f32, types.uint16: f16, types.int16: bf16}.get(w)
+    if codegen is not None:
+        return types.float32(w), codegen
+
+
+# Weight dtype name -> (numpy dtype the caller passes, dtype the kernels see).
+_WDTYPE = {
+    "f32": (np.dtype(np.float32), np.dtype(np.float32)),
+    "f16": (np.dtype(np.uint16), np.dtype(np.uint16)),
+    "bf16": (np.dtype(np.uint16), np.dtype(np.int16)),
+}
+
+
+def _kernel_view(w, dtype):
+    # Check the caller's dtype (a wrong one would compile a new specialisation
+    # or, uint16 read as f32, give garbage) and re-view for the kernels.
+    given, kernel = _WDTYPE[dtype]
+    if w.dtype != given:
+        raise TypeError(f"{dtype} weights must be {given}, got {w.dtype}")
+    return w.view(kernel)
+
+
+@numba.njit(**_JIT)
+def _convert(w, out):
+    for i in range(w.size):
+        out[i] = _to_f32(w[i])
+
+
+def to_f32(w, dtype):
+    """Weights of any supported dtype ("f32", "f16", "bf16"; half types as
+    uint16 views) -> new float32 array of the same shape, using the kernels'
+    own conversion (for embeddings, checks and tests)."""
+    flat = _kernel_view(np.ascontiguousarray(w).reshape(-1), dtype)
+    out = np.empty(flat.size, np.float32)
+    _convert(flat, out)
+    return out.reshape(w.shape)
+
+
+@numba.njit(fastmath=_FAST, **_JIT)
+def rms_norm(x, w, eps):
+    """x f32[T, N], w f32[N] -> new f32[T, N]: w * (x / sqrt(mean(x^2) + eps))."""
+    T, N = x.shape
+    y = np.empty_like(x)
+    for t in range(T):
+        ss = np.float32(0.0)
+        for i in range(N):
+            ss += x[t, i] * x[t, i]
+        r = np.float32(1.0) / np.sqrt(ss / np.float32(N) + np.float32(eps))
+        # HF order: normalise first, then scale by the weight.
+        for i in range(N):
+            y[t, i] = w[i] * (x[t, i] * r)
+    return y
+
+
+@numba.njit(**_JIT)
+def rope(x, cos, sin):
+    """In place NeoX / HF rotate_half rotary embedding.
+    x f32[T, H, hd]; cos, sin f32[T, hd // 2] (angle i pairs x[i], x[i + hd/2])."""
+    T, H, hd = x.shape
+    half = hd // 2
+    for t in range(T):
+        for h in range(H):
+            for i in range(half):
+                x1 = x[t, h, i]
+                x2 = x[t, h, i + half]
+                x[t, h, i] = x1 * cos[t, i] - x2 * sin[t, i]
+                x[t, h, i + half] = x2 * cos[t, i] + x1 * sin[t, i]
+
+
+@numba.njit(fastmath=_FAST, **_JIT)
+def _softmax_inplace(z):
+    # z f32[n] -> softmax(z), shifted by the max so exp cannot overflow.
+    m = z[0]
+    for j in range(1, z.size):
+        m = max(m, z[j])
+    tot = np.float32(0.0)
+    for j in range(z.size):
+        e = np.exp(z[j] - m)
+        z[j] = e
+        tot += e
+    inv = np.float32(1.0) / tot
+    for j in range(z.size):
+        z[j] *= inv
+
+
+@numba.njit(parallel=True, fastmath=_FAST, **_JIT)
+def attention(q, k_cache, v_cache, start, out):
+    """Causal GQA attention over a KV cache.
+    q f32[T, H, hd]: query t sits at position start + t and sees positions
+    0..start+t. k_cache, v_cache f32[KV, S_max, hd], already filled up to
+    start + T - 1. Query head h reads kv head h // (H // KV). Writes out f32[T, H, hd].
+    One task per (token, kv head) handles that kv head's whole query group, so
+    each cached key/value row is read once per group rather than once per head."""
+    T, H, hd = q.shape
+    KV = k_cache.shape[0]
+    G = H // KV
+    scale = np.float32(1.0 / np.sqrt(hd))
+    # prange splits the tasks into one contiguous block per thread (the omp
+    # layer schedules statically). Causal work grows with t, so visit tokens
+    # zig-zag (0, T-1, 1, T-2, ...) to give each block a similar amount.
+    for task in prange(T * KV):
+        i = task // KV
+        g = task % KV
+        t = i // 2 if i % 2 == 0 else T - 1 - i // 2
+        L = start + t + 1
+        s = np.empty((G, L), np.float32)  # scores, then probabilities
+        for j in range(L):
+            for r in range(G):
+                acc = np.float32(0.0)
+                for d in range(hd):
+                    acc += q[t, g * G + r, d] * k_cache[g, j, d]
+                s[r, j] = acc * scale
+        for r in range(G):
+            _softmax_inplace(s[r])
+            for d in range(hd):
+                out[t, g * G + r, d] = 0.0
+        for j in range(L):
+            for r in range(G):
+                p = s[r, j]
+                for d in range(hd):
+                    out[t, g * G + r, d] += p * v_cache[g, j, d]
+
+
+@numba.njit(**_JIT)
+def router_topk(logits, k, renorm):
+    """logits f32[T, E] -> (idx int64[T, k], weights f32[T, k]): softmax per
+    row, the k most probable experts in descending order (ties: lower index
+    first), weights optionally renormalised to sum to 1."""
+    T, E = logits.shape
+    idx = np.empty((T, k), np.int64)
+    wts = np.empty((T, k), np.float32)
+    p = np.empty(E, np.float32)
+    taken = np.empty(E, np.bool_)
+    for t in range(T):
+        p[:] = logits[t]
+        _softmax_inplace(p)
+        # k is small (<= 8 or so): repeated argmax beats sorting E entries.
+        taken[:] = False
+        ksum = np.float32(0.0)
+        for j in range(k):
+            best = -1
+            for e in range(E):
+                # strict > keeps the lower index on ties
+                if not taken[e] and (best < 0 or p[e] > p[best]):
+                    best = e
+            taken[best] = True
+            idx[t, j] = best
+            wts[t, j] = p[best]
+            ksum += p[best]
+        if renorm:
+            for j in range(k):
+                wts[t, j] /= ksum
+    return idx, wts
+
+
+@numba.njit(parallel=True, fastmath=_FAST, **_JIT)
+def _ffn(x, gate, up, down, h, out):
+    # x f32[T, D]; gate, up [I, D]; down [D, I]; h f32[T, I] scratch; out f32[T, D].
+    # Each weight row is read from memory once and used for all T tokens while
+    # it sits in L1 (T = 1: a pure bandwidth-bound GEMV).
+    T, D = x.shape
+    I = gate.shape[0]
+    for i in prange(I):
+        for t in range(T):
+            g = np.float32(0.0)
+            u = np.float32(0.0)
+            for d in range(D):
+                g += _to_f32(gate[i, d]) * x[t, d]
+                u += _to_f32(up[i, d]) * x[t, d]
+            h[t, i] = g / (np.float32(1.0) + np.exp(-g)) * u
+    for d in prange(D):
+        for t in range(T):
+            acc = np.float32(0.0)
+            for i in range(I):
+                acc += _to_f32(down[d, i]) * h[t, i]
+            out[t, d] = acc
+
+
+def expert_ffn(x, gate, up, down, dtype, out):
+    """SwiGLU expert / dense MLP: out[t] = down @ (silu(gate @ x[t]) * (up @ x[t])).
+    x f32[T, D]; gate, up [I, D]; down [D, I] (nn.Linear layout), float32 for
+    dtype "f32" or uint16 views of float16 / bfloat16 data for "f16" / "bf16";
+    out f32[T, D] is overwritten."""
+    h = np.empty((x.shape[0], gate.shape[0]), np.float32)
+    _ffn(x, _kernel_view(gate, dtype), _kernel_view(up, dtype), _kernel_view(down, dtype), h, out)
