@@ -48,6 +48,6 @@ def main(args):
 
 
 def _fmt(key, value):
-    if key.endswith("bytes"):
+    if "bytes" in key:
         return f"{value / 2**20:.1f} MiB ({value:,} bytes)"
     return str(value)
