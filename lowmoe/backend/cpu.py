@@ -10,22 +10,11 @@ disk (a new process does not recompile). Parallel kernels use Numba's threading
 layer with its current thread count (numba.set_num_threads / NUMBA_NUM_THREADS).
 """
 
-import os
-
-# GNU OpenMP (Numba's "omp" threading layer) spins idle worker threads between
-# parallel regions by default. With as many threads as cores, spinning steals
-# the CPU from I/O threads and any other process, and a preempted worker then
-# stalls every region: measured 20x slower expert_ffn next to a busy process.
-# Sleeping workers cost a few microseconds of wake-up per region instead. Must
-# be set before the OpenMP runtime loads (first parallel kernel call);
-# setdefault keeps a value the user chose.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-import numba  # noqa: E402
-import numpy as np  # noqa: E402
-from llvmlite import ir  # noqa: E402
-from numba import prange, types  # noqa: E402
-from numba.extending import intrinsic  # noqa: E402
+import numba
+import numpy as np
+from llvmlite import ir
+from numba import prange, types
+from numba.extending import intrinsic
 
 # reassoc lets LLVM vectorise f32 reductions, contract allows FMA. No nnan/ninf:
 # inf and nan in weights or activations must propagate as in PyTorch.
