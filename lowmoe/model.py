@@ -42,14 +42,18 @@ def rope_tables(cfg, positions):
     return np.cos(freqs).astype(np.float32), np.sin(freqs).astype(np.float32)
 
 
-def _linear(x, w, bias=None):
-    y = x @ w.T
-    return y if bias is None else y + bias
+def _linear(x, m):
+    """x f32[T, in] @ m.w.T (+ bias) -> f32[T, out]."""
+    y = np.empty((x.shape[0], m.w.shape[0]), np.float32)
+    cpu.linear(x, m.w, m.dtype, y)
+    if m.bias is not None:
+        y += m.bias
+    return y
 
 
-def _swiglu(x, gate, up, down):
+def _swiglu(x, f):
     out = np.empty_like(x)
-    cpu.expert_ffn(x, gate, up, down, "f32", out)
+    cpu.expert_ffn(x, f.gate, f.up, f.down, f.dtype, out)
     return out
 
 
@@ -65,7 +69,7 @@ class Model:
         T, start = len(tokens), kv.length
         kv.reserve(start + T)
         cos, sin = rope_tables(cfg, np.arange(start, start + T))
-        x = self.w.embed[tokens]  # [T, D]
+        x = cpu.to_f32(self.w.embed.w[tokens], self.w.embed.dtype)  # [T, D]
         for i, layer in enumerate(self.w.layers):
             x = x + self._attention(i, layer, cpu.rms_norm(x, layer.input_norm, cfg.rms_norm_eps), kv, cos, sin)
             u = cpu.rms_norm(x, layer.post_norm, cfg.rms_norm_eps)
@@ -73,14 +77,14 @@ class Model:
         kv.length = start + T
         if not all_logits:
             x = x[-1:]
-        return cpu.rms_norm(np.ascontiguousarray(x), self.w.norm, cfg.rms_norm_eps) @ self.w.lm_head.T
+        return _linear(cpu.rms_norm(np.ascontiguousarray(x), self.w.norm, cfg.rms_norm_eps), self.w.lm_head)
 
     def _attention(self, i, layer, h, kv, cos, sin):
         cfg, a = self.cfg, layer.attn
         T, H, KV, hd = h.shape[0], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        q = _linear(h, a.q, a.q_bias)  # [T, H*hd]
-        k = _linear(h, a.k, a.k_bias)  # [T, KV*hd]
-        v = _linear(h, a.v, a.v_bias)
+        q = _linear(h, a.q)  # [T, H*hd]
+        k = _linear(h, a.k)  # [T, KV*hd]
+        v = _linear(h, a.v)
         if cfg.qk_norm == "full":
             q = cpu.rms_norm(q, a.q_norm, cfg.rms_norm_eps)
             k = cpu.rms_norm(k, a.k_norm, cfg.rms_norm_eps)
@@ -99,14 +103,14 @@ class Model:
         kv.v[i][:, start : start + T] = v.reshape(T, KV, hd).transpose(1, 0, 2)
         out = np.empty((T, H, hd), np.float32)
         cpu.attention(q, kv.k[i], kv.v[i], start, out)
-        return _linear(out.reshape(T, H * hd), a.o, a.o_bias)
+        return _linear(out.reshape(T, H * hd), a.o)
 
     def _mlp(self, i, layer, u):
         if layer.router is None:
-            return _swiglu(u, *layer.mlp)
-        idx, w = cpu.router_topk(u @ layer.router.T, self.cfg.top_k, self.cfg.norm_topk_prob)
+            return _swiglu(u, layer.mlp)
+        idx, w = cpu.router_topk(_linear(u, layer.router), self.cfg.top_k, self.cfg.norm_topk_prob)
         out = self.experts.forward(i, u, idx, w)
         if layer.shared is not None:
-            gate = 1.0 / (1.0 + np.exp(-(u @ layer.shared_gate.T)))  # [T, 1]
-            out += gate * _swiglu(u, *layer.shared)
+            gate = 1.0 / (1.0 + np.exp(-_linear(u, layer.shared_gate)))  # [T, 1]
+            out += gate * _swiglu(u, layer.shared)
         return out

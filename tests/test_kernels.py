@@ -263,3 +263,14 @@ def test_expert_ffn_rejects_mismatched_weight_dtype():
     w = np.ones((3, 4), np.float32)
     with pytest.raises(TypeError):
         cpu.expert_ffn(x, w, w, np.ones((4, 3), np.float32), "bf16", nans(1, 4))
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f16", "bf16"])
+@pytest.mark.parametrize("T,D,R", [(1, 37, 53), (4, 64, 7), (17, 256, 300), (1, 1, 1)])
+def test_linear(dtype, T, D, R):
+    g = rng(7, T, D, R, len(dtype))
+    x = randn(g, T, D)
+    w, w64 = make_weights(g, (R, D), dtype, 1.0 / np.sqrt(D))
+    out = nans(T, R)
+    cpu.linear(x, w, dtype, out)
+    assert_close(out, x.astype(np.float64) @ w64.T)

@@ -221,6 +221,28 @@ def _ffn(x, gate, up, down, h, out):
             out[t, d] = acc
 
 
+@numba.njit(parallel=True, fastmath=_FAST, **_JIT)
+def _linear(x, w, out):
+    # x f32[T, D]; w [R, D]; out f32[T, R]. One weight row at a time, used for all T tokens
+    # while it is in L1 (T = 1: a bandwidth-bound GEMV).
+    T, D = x.shape
+    R = w.shape[0]
+    for r in prange(R):
+        for t in range(T):
+            acc = np.float32(0.0)
+            for d in range(D):
+                acc += _to_f32(w[r, d]) * x[t, d]
+            out[t, r] = acc
+
+
+def linear(x, w, dtype, out):
+    """out = x @ w.T: x f32[T, D]; w [R, D] (nn.Linear layout) float32, or uint16 views of
+    float16 / bfloat16 data; out f32[T, R] overwritten. Used for every dense projection so that
+    decode runs on one thread pool (NumPy's BLAS pool and Numba's spinning OpenMP pool, used in
+    turn, starve each other: measured 5 vs 79 tok/s)."""
+    _linear(x, _kernel_view(w, dtype), out)
+
+
 def expert_ffn(x, gate, up, down, dtype, out):
     """SwiGLU expert / dense MLP: out[t] = down @ (silu(gate @ x[t]) * (up @ x[t])).
     x f32[T, D]; gate, up [I, D]; down [D, I] (nn.Linear layout), float32 for

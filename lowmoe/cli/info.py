@@ -12,12 +12,16 @@ def main(args):
     from lowmoe import DEFAULT_MODEL
     from lowmoe.checkpoint import Checkpoint
     from lowmoe.config import load_model_config
-    from lowmoe.weights import expert_infos
 
     path = args.model or DEFAULT_MODEL
     cfg = load_model_config(path)
     ckpt = Checkpoint(path)
-    expert_bytes = sum(t.nbytes for l in cfg.moe_layers for e in range(cfg.num_experts) for t in expert_infos(ckpt, cfg, l, e))
+    expert_bytes = sum(
+        ckpt.info(name).nbytes
+        for layer in cfg.moe_layers
+        for e in range(cfg.num_experts)
+        for name in cfg.expert_tensor_names(layer, e)
+    )
     total = sum(t.nbytes for t in ckpt.tensors.values())
     info = {
         "model": path,
