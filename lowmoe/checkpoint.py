@@ -134,8 +134,11 @@ class Checkpoint:
         t = self.info(name, shape)
         np_dtype, size = DTYPES[t.dtype]
         out = np.empty(t.nbytes // size, dtype=np_dtype)
-        with open(t.file, "rb") as f:
-            got = os.preadv(f.fileno(), [memoryview(out).cast("B")], t.offset)
+        try:
+            with open(t.file, "rb") as f:
+                got = os.preadv(f.fileno(), [memoryview(out).cast("B")], t.offset)
+        except OSError as e:
+            raise CheckpointError(f"{t.file}: cannot read tensor '{name}' ({e.strerror})") from None
         if got != t.nbytes:
             raise CheckpointError(f"{t.file}: short read of tensor '{name}' at offset {t.offset}")
         return out.reshape(t.shape), t.dtype

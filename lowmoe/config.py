@@ -107,6 +107,8 @@ def load_model_config(model_dir):
             cfg = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: invalid JSON ({e})") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
     if not isinstance(cfg, dict):
         raise ConfigError(f"{path}: expected a JSON object")
     return parse_model_config(cfg, path)

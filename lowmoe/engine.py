@@ -85,6 +85,8 @@ class Engine:
         """Yields new token ids one at a time. `stats`, if a dict, is filled with timings."""
         ids = self._check_ids(token_ids)
         check_params(temperature, top_p, top_k)
+        if max_new_tokens < 0:
+            raise InputError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         rng = np.random.default_rng(seed)
         kv = KVCache(self.config, len(ids) + max_new_tokens)
         stats = {} if stats is None else stats

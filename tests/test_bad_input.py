@@ -181,3 +181,26 @@ def test_cli_subprocess_has_no_traceback(tmp_path):
     assert r.returncode == 2
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
     assert str(tmp_path / "absent") in r.stderr
+
+
+def test_corrupt_tokenizer(model, capsys):
+    path = os.path.join(model, "tokenizer.json")
+    with open(path, "w") as f:
+        f.write('{"model": 42}')
+    _expect_error(capsys, ["decode", model, "--prompt", "hi"], path, "tokenizer")
+
+
+def test_text_prompt_without_tokenizer(model, capsys):
+    _expect_error(capsys, ["decode", model, "--prompt", "hi"], "tokenizer.json", "token ids")
+
+
+def test_unsupported_tensor_dtype(tmp_path, capsys):
+    name = "model.norm.weight"
+    m = write_tiny_model(str(tmp_path / "m"), tensor_overrides={name: np.ones(16, np.int64)})
+    _expect_error(capsys, ["decode", m, "--prompt-ids", "1"], name, "dtype I64")
+
+
+def test_invalid_index(model, capsys):
+    with open(os.path.join(model, "model.safetensors.index.json"), "w") as f:
+        f.write("[1, 2]")
+    _expect_error(capsys, ["info", model], "model.safetensors.index.json", "weight_map")
