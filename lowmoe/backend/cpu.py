@@ -199,10 +199,9 @@ def router_topk(logits, k, renorm):
 
 
 @numba.njit(parallel=True, fastmath=_FAST, **_JIT)
-def _ffn(x, gate, up, down, h, out):
-    # x f32[T, D]; gate, up [I, D]; down [D, I]; h f32[T, I] scratch; out f32[T, D].
-    # Each weight row is read from memory once and used for all T tokens while
-    # it sits in L1 (T = 1: a pure bandwidth-bound GEMV).
+def _gate_up(x, gate, up, h):
+    # x f32[T, D]; gate, up [I, D]; h f32[T, I] = silu(gate @ x) * (up @ x). Each pair of weight
+    # rows is read from memory once and used for all T tokens while it sits in L1.
     T, D = x.shape
     I = gate.shape[0]
     for i in prange(I):
@@ -213,12 +212,6 @@ def _ffn(x, gate, up, down, h, out):
                 g += _to_f32(gate[i, d]) * x[t, d]
                 u += _to_f32(up[i, d]) * x[t, d]
             h[t, i] = g / (np.float32(1.0) + np.exp(-g)) * u
-    for d in prange(D):
-        for t in range(T):
-            acc = np.float32(0.0)
-            for i in range(I):
-                acc += _to_f32(down[d, i]) * h[t, i]
-            out[t, d] = acc
 
 
 @numba.njit(parallel=True, fastmath=_FAST, **_JIT)
@@ -239,7 +232,7 @@ def linear(x, w, dtype, out):
     """out = x @ w.T: x f32[T, D]; w [R, D] (nn.Linear layout) float32, or uint16 views of
     float16 / bfloat16 data; out f32[T, R] overwritten. Used for every dense projection so that
     decode runs on one thread pool (NumPy's BLAS pool and Numba's spinning OpenMP pool, used in
-    turn, starve each other: measured 5 vs 79 tok/s)."""
+    turn, starve each other: measured 5 vs 129 tok/s on a 0.8 GB model)."""
     _linear(x, _kernel_view(w, dtype), out)
 
 
@@ -249,4 +242,5 @@ def expert_ffn(x, gate, up, down, dtype, out):
     dtype "f32" or uint16 views of float16 / bfloat16 data for "f16" / "bf16";
     out f32[T, D] is overwritten."""
     h = np.empty((x.shape[0], gate.shape[0]), np.float32)
-    _ffn(x, _kernel_view(gate, dtype), _kernel_view(up, dtype), _kernel_view(down, dtype), h, out)
+    _gate_up(x, _kernel_view(gate, dtype), _kernel_view(up, dtype), h)
+    _linear(h, _kernel_view(down, dtype), out)
