@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import numpy as np
-
 from safetensors import safe_open
 
 import lowmoe
