@@ -7,7 +7,7 @@ biases), never in subclasses. Keys that do not change the math are ignored.
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from .errors import ConfigError, InputError
 
@@ -185,16 +185,55 @@ def parse_model_config(cfg, path="config.json"):
     )
 
 
+STORAGE_KINDS = ("checkpoint", "packed", "ram")
+# EngineConfig field -> environment variable; an option given to the API or CLI wins.
+ENV_VARS = {"expert_cache": "SHARPI_EXPERT_CACHE", "storage": "SHARPI_STORAGE", "readers": "SHARPI_READERS",
+            "cpu_moe": "SHARPI_CPU_MOE"}
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Run-time options. CLI flags and SHARPI_* variables map onto these fields."""
 
     device: str = "cpu"
+    expert_cache: str = None  # budget ("1.5GiB", "25%", "min"); None: every expert resident
+    storage: str = None  # slow tier: "checkpoint", "packed", "ram"; None: packed if the folder is, else checkpoint
+    readers: int = 2  # reader threads
+    read_timeout_s: float = 30.0
+    cpu_moe: bool = None  # experts computed on the CPU; None: decide automatically
 
     @classmethod
-    def from_options(cls, device="cpu", **options):
-        if options:
-            raise InputError(f"unknown engine option(s): {', '.join(sorted(options))}")
-        if device != "cpu":
-            raise InputError(f"device {device!r} is not available yet; use device='cpu'")
-        return cls(device=device)
+    def from_options(cls, env=None, **options):
+        env = os.environ if env is None else env
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise InputError(f"unknown engine option(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        values = {k: v for k, v in options.items() if v is not None}
+        for name, var in ENV_VARS.items():
+            if name not in values and env.get(var, "") != "":
+                values[name] = _from_env(name, var, env[var])
+        c = cls(**values)
+        if c.device != "cpu":
+            raise InputError(f"device {c.device!r} is not available yet; use device='cpu'")
+        if c.storage is not None and c.storage not in STORAGE_KINDS:
+            raise InputError(f"storage {c.storage!r}: expected one of {', '.join(STORAGE_KINDS)}")
+        if c.readers < 1:
+            raise InputError(f"readers must be >= 1, got {c.readers}")
+        if c.cpu_moe is False:
+            raise InputError("SHARPI_CPU_MOE=0 asks for the GPU expert path, which does not exist yet; "
+                             "unset it or set 1 (experts on the CPU)")
+        return c
+
+
+def _from_env(name, var, text):
+    if name == "cpu_moe":
+        if text not in ("0", "1"):
+            raise InputError(f"{var}={text!r}: expected 0 or 1")
+        return text == "1"
+    if name == "readers":
+        try:
+            return int(text)
+        except ValueError:
+            raise InputError(f"{var}={text!r}: expected an integer") from None
+    return text

@@ -6,12 +6,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .budget import plan_cache
 from .checkpoint import Checkpoint
 from .config import EngineConfig, load_model_config
 from .errors import ConfigError, InputError
-from .experts import ResidentExperts
+from .experts import OffloadedExperts, ResidentExperts
 from .model import KVCache, Model
 from .sampling import check_params, sample
+from .store import is_packed, open_store
 from .weights import load_dense
 
 DEFAULT_MODEL = os.path.join(os.path.dirname(__file__), "models", "default")
@@ -46,12 +48,32 @@ class Engine:
 
     @classmethod
     def from_pretrained(cls, path=DEFAULT_MODEL, device="cpu", **options):
+        """Options (each also a SHARPI_* variable, see SHARPI_ENV.md): expert_cache ("1.5GiB",
+        "25%", "min"; default: every expert resident), storage ("checkpoint", "packed", "ram"),
+        readers, read_timeout_s, cpu_moe."""
         options = EngineConfig.from_options(device=device, **options)
         path = os.fspath(path)
         cfg = load_model_config(path)
         ckpt = Checkpoint(path)
-        model = Model(cfg, load_dense(ckpt, cfg), ResidentExperts(ckpt, cfg))
-        return cls(path, cfg, options, model, load_tokenizer(path))
+        dense = load_dense(ckpt, cfg)
+        store = open_store(options.storage or ("packed" if is_packed(path) else "checkpoint"), path, ckpt, cfg)
+        if options.expert_cache is None:
+            experts = ResidentExperts(store, cfg)
+            store.close()
+        else:
+            plan = plan_cache(options.expert_cache, cfg, store.layout.block)
+            experts = OffloadedExperts(store, cfg, plan, options.readers, options.read_timeout_s)
+        return cls(path, cfg, options, Model(cfg, dense, experts), load_tokenizer(path))
+
+    def close(self):
+        """Stops the reader threads and closes the slow tier's files."""
+        self.model.experts.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     def encode(self, text):
         if self.tokenizer is None:
@@ -82,7 +104,8 @@ class Engine:
 
     def stream(self, token_ids, max_new_tokens, temperature=0.0, top_p=1.0, top_k=0, seed=None,
                stop_at_eos=True, stats=None):
-        """Yields new token ids one at a time. `stats`, if a dict, is filled with timings."""
+        """Yields new token ids one at a time. `stats`, if a dict, is filled with timings and, with
+        an expert cache, its counters for the decode steps (hits, misses, bytes_read, stall_s...)."""
         ids = self._check_ids(token_ids)
         check_params(temperature, top_p, top_k)
         if max_new_tokens < 0:
@@ -94,15 +117,19 @@ class Engine:
         logits = self.model.forward(ids, kv)
         t1 = time.perf_counter()
         stats.update(prefill_tokens=len(ids), prefill_s=t1 - t0, decode_tokens=0, decode_s=0.0)
-        for n in range(max_new_tokens):
-            token = sample(logits[-1], temperature, top_p, top_k, rng)
-            yield token
-            if n + 1 == max_new_tokens or (stop_at_eos and token in self.config.eos_token_ids):
-                break
-            t = time.perf_counter()
-            logits = self.model.forward(np.array([token], np.int64), kv)
-            stats["decode_s"] += time.perf_counter() - t
-            stats["decode_tokens"] += 1
+        self.model.experts.reset_stats()  # expert cache stats cover the decode steps
+        try:
+            for n in range(max_new_tokens):
+                token = sample(logits[-1], temperature, top_p, top_k, rng)
+                yield token
+                if n + 1 == max_new_tokens or (stop_at_eos and token in self.config.eos_token_ids):
+                    break
+                t = time.perf_counter()
+                logits = self.model.forward(np.array([token], np.int64), kv)
+                stats["decode_s"] += time.perf_counter() - t
+                stats["decode_tokens"] += 1
+        finally:
+            stats.update(self.model.experts.stats())
 
     def generate(self, token_ids, max_new_tokens, temperature=0.0, top_p=1.0, top_k=0, seed=None,
                  stop_at_eos=True):

@@ -15,3 +15,7 @@ class CheckpointError(LowmoeError):
 
 class InputError(LowmoeError):
     """Bad prompt or token ids, or bad options."""
+
+
+class StorageError(LowmoeError):
+    """Reading an expert from the slow tier failed twice or did not finish in time."""

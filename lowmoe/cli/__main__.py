@@ -8,6 +8,7 @@ import sys
 COMMANDS = {
     "decode": "generate text with a model (default: the bundled model)",
     "info": "print a model's architecture and the bytes of dense vs expert weights",
+    "pack": "write an expert-major packed copy of a model for fast expert reads",
 }
 
 

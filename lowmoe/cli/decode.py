@@ -21,6 +21,21 @@ def add_arguments(p):
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    add_engine_arguments(p)
+
+
+def add_engine_arguments(p):
+    """Flags that map onto EngineConfig (each overrides its SHARPI_* variable)."""
+    p.add_argument("--expert-cache", default=None, metavar="BUDGET",
+                   help="expert cache budget: bytes (1.5GiB, 300MB), a share of the experts (25%%) or 'min'; "
+                   "default: every expert resident")
+    p.add_argument("--storage", default=None, choices=("checkpoint", "packed", "ram"),
+                   help="slow tier the experts are read from (default: packed if the model folder is packed)")
+    p.add_argument("--readers", type=int, default=None, help="reader threads (default 2)")
+
+
+def engine_options(args):
+    return {"expert_cache": args.expert_cache, "storage": args.storage, "readers": args.readers}
 
 
 def _prompt_ids(engine, args):
@@ -61,7 +76,7 @@ def main(args):
     if args.max_new_tokens < 0:
         raise InputError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     t0 = time.perf_counter()
-    engine = Engine.from_pretrained(model or DEFAULT_MODEL)
+    engine = Engine.from_pretrained(model or DEFAULT_MODEL, **engine_options(args))
     ids = _prompt_ids(engine, args)
     stats = {}
     stream = engine.stream(ids, args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed, stats=stats)
@@ -89,6 +104,7 @@ def main(args):
             "decode_tok_s": stats["decode_tokens"] / stats["decode_s"] if stats.get("decode_s") else 0.0,
             "time_to_first_token_s": first_token_s,
         }
+        out.update({k: v for k, v in stats.items() if k not in out})
         print(json.dumps(out))
     else:
         sys.stdout.write(engine.decode(tokens)[len(shown):] + "\n")

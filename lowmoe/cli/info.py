@@ -6,23 +6,25 @@ import json
 def add_arguments(p):
     p.add_argument("model", nargs="?", default=None, help="model folder (default: the bundled model)")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--expert-cache", default=None, metavar="BUDGET",
+                   help="also print the cache plan for this budget (1.5GiB, 300MB, 25%%, min)")
 
 
 def main(args):
     from lowmoe import DEFAULT_MODEL
+    from lowmoe.budget import plan_cache
     from lowmoe.checkpoint import Checkpoint
     from lowmoe.config import load_model_config
+    from lowmoe.store import is_packed, open_store
 
     path = args.model or DEFAULT_MODEL
     cfg = load_model_config(path)
     ckpt = Checkpoint(path)
-    expert_bytes = sum(
-        ckpt.info(name).nbytes
-        for layer in cfg.moe_layers
-        for e in range(cfg.num_experts)
-        for name in cfg.expert_tensor_names(layer, e)
-    )
-    total = sum(t.nbytes for t in ckpt.tensors.values())
+    store = open_store("packed" if is_packed(path) else "checkpoint", path, ckpt, cfg)
+    store.close()
+    experts = len(cfg.moe_layers) * cfg.num_experts
+    expert_bytes = experts * 3 * store.layout.part
+    total = sum(t.nbytes for t in ckpt.tensors.values()) + (expert_bytes if is_packed(path) else 0)
     info = {
         "model": path,
         "model_type": cfg.model_type,
@@ -36,8 +38,10 @@ def main(args):
         "vocab_size": cfg.vocab_size,
         "dense_bytes": total - expert_bytes,
         "expert_bytes": expert_bytes,
-        "bytes_per_expert": expert_bytes // max(1, len(cfg.moe_layers) * cfg.num_experts),
+        "bytes_per_expert": expert_bytes // max(1, experts),
     }
+    if args.expert_cache is not None:
+        info.update(plan_cache(args.expert_cache, cfg, store.layout.block).describe())
     if args.json:
         print(json.dumps(info))
         return 0
@@ -52,6 +56,8 @@ def main(args):
 
 
 def _fmt(key, value):
+    if key == "fraction_cached":
+        return f"{value:.1%}"
     if "bytes" in key:
         return f"{value / 2**20:.1f} MiB ({value:,} bytes)"
     return str(value)

