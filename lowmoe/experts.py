@@ -79,10 +79,10 @@ class ResidentExperts:
 class OffloadedExperts:
     """A budget of expert slots in front of the slow tier (the reactive baseline: reads on demand)."""
 
-    def __init__(self, store, cfg, plan, readers=2, timeout_s=30.0, probation="lru"):
+    def __init__(self, store, cfg, plan, readers=2, timeout_s=30.0):
         self.cfg = cfg
         self.plan = plan
-        self.cache = SlruCache(plan.slots, plan.staging, probation=probation)
+        self.cache = SlruCache(plan.slots, plan.staging)
         self.slab = Slab(store.layout, plan.slots + plan.staging)
         self.reader = ReadScheduler(store, self.slab, readers, timeout_s)
         self.broken = None

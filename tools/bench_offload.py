@@ -81,7 +81,8 @@ def disk_bandwidth(path, seconds=3.0, chunk=64 * 2**20):
 
 
 def reads_alone(engine, keys):
-    """Seconds for the reader pool to read `keys` into the cache slots, with no compute."""
+    """Seconds for the reader pool to read `keys` into the cache slots, with no compute.
+    It overwrites slots behind the cache policy's back: call it only on an engine about to close."""
     ex = engine.model.experts
     slots = list(range(min(len(keys), ex.plan.slots)))
     t0 = time.perf_counter()
