@@ -54,16 +54,25 @@ def test_bundled_model_identical_for_every_budget_and_storage(budget, storage, b
         assert stats["misses"] > 0 and stats["bytes_read"] > 0
 
 
-@pytest.mark.parametrize("name", ["mixtral_bf16_sharded", "qwen2_moe_f32", "qwen3_moe_f16_sharded", "olmoe_f32"])
-def test_parity_checkpoints_identical_under_min_budget(name, test_models):
+@pytest.mark.parametrize("name", ["mixtral_f32", "mixtral_bf16_sharded", "qwen2_moe_f32", "qwen2_moe_bf16",
+                                  "qwen3_moe_f32", "qwen3_moe_f16_sharded", "olmoe_f32", "olmoe_bf16"])
+def test_parity_checkpoints_identical_for_every_budget_and_storage(name, test_models, tmp_path):
     path = test_models[name]
+    packed = str(tmp_path / "packed")
+    pack_model(path, packed)
     with lowmoe.Engine.from_pretrained(path) as e:
         ref = _run(e, [5, 6, 7, 8, 9])
-    for budget in ("min", "25%"):
-        with lowmoe.Engine.from_pretrained(path, expert_cache=budget) as e:
+    runs = [(path, b, "checkpoint") for b in BUDGETS] + [(packed, "min", "packed"), (path, "min", "ram")]
+    for model, budget, storage in runs:
+        try:
+            e = lowmoe.Engine.from_pretrained(model, expert_cache=budget, storage=storage)
+        except lowmoe.InputError as err:  # 10% of 8 experts is less than one layer's top-k
+            assert budget == "10%" and "minimum" in str(err)
+            continue
+        with e:
             got = _run(e, [5, 6, 7, 8, 9])
-        assert got[0] == ref[0]
-        assert np.array_equal(got[1], ref[1])
+        assert got[0] == ref[0], (budget, storage)
+        assert np.array_equal(got[1], ref[1]), (budget, storage)
 
 
 def test_stats_count_every_expert_use():

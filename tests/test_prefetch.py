@@ -1,0 +1,49 @@
+"""The read scheduler: demand reads go before hints, duplicate requests merge, ready signals fire."""
+
+import threading
+
+import numpy as np
+
+from lowmoe.prefetch import DEMAND, HINT, ReadScheduler
+from lowmoe.slots import ExpertLayout, Slab
+
+
+class GatedStore:
+    """Records the order of reads; the first read blocks until `gate` is set, so the queue fills."""
+
+    layout = ExpertLayout("f32", 4, 8)
+
+    def __init__(self):
+        self.gate = threading.Event()
+        self.order = []
+
+    def read(self, layer, expert, dest):
+        if not self.order:
+            self.order.append((layer, expert))
+            self.gate.wait(5)
+        else:
+            self.order.append((layer, expert))
+        dest[:] = layer * 16 + expert
+        return dest.size
+
+
+def test_demand_before_hints_merging_and_ready_signals():
+    store = GatedStore()
+    slab = Slab(store.layout, 8)
+    r = ReadScheduler(store, slab, threads=1, timeout_s=5)
+    first = r.submit((0, 0), 0, HINT)  # taken by the one reader, which then blocks
+    while not store.order:
+        pass
+    hints = [r.submit((1, e), 1 + e, HINT) for e in range(3)]
+    demand = r.submit((2, 0), 5, DEMAND)
+    assert r.submit((2, 0), 5, HINT) is demand  # merged
+    raised = r.submit((1, 2), 3, DEMAND)  # a queued hint raised to demand
+    assert raised is hints[2]
+    assert r.in_flight == 5
+    store.gate.set()
+    for req in [first, *hints, demand]:
+        r.wait(req)
+        assert np.all(slab.block(req.slot) == req.key[0] * 16 + req.key[1])
+    assert store.order == [(0, 0), (2, 0), (1, 2), (1, 0), (1, 1)]
+    assert r.in_flight == 0 and r.bytes_read == 5 * store.layout.block
+    r.close()
