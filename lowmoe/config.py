@@ -186,9 +186,10 @@ def parse_model_config(cfg, path="config.json"):
 
 
 STORAGE_KINDS = ("checkpoint", "packed", "ram")
+PREDICTORS = ("none", "nextgate", "history")
 # EngineConfig field -> environment variable; an option given to the API or CLI wins.
 ENV_VARS = {"expert_cache": "SHARPI_EXPERT_CACHE", "storage": "SHARPI_STORAGE", "readers": "SHARPI_READERS",
-            "cpu_moe": "SHARPI_CPU_MOE"}
+            "cpu_moe": "SHARPI_CPU_MOE", "predictor": "SHARPI_MOE_PREDICTOR"}
 
 
 @dataclass(frozen=True)
@@ -201,6 +202,7 @@ class EngineConfig:
     readers: int = 2  # reader threads
     read_timeout_s: float = 30.0
     cpu_moe: bool = None  # experts computed on the CPU; None: decide automatically
+    predictor: str = "nextgate"  # hints for the expert cache: "none", "nextgate", "history"
 
     @classmethod
     def from_options(cls, env=None, **options):
@@ -213,11 +215,15 @@ class EngineConfig:
         for name, var in ENV_VARS.items():
             if name not in values and env.get(var, "") != "":
                 values[name] = _from_env(name, var, env[var])
+        if "predictor" not in options and env.get("SHARPI_MOE_PREDICT_PREFETCH") == "0":
+            values["predictor"] = "none"
         c = cls(**values)
         if c.device != "cpu":
             raise InputError(f"device {c.device!r} is not available yet; use device='cpu'")
         if c.storage is not None and c.storage not in STORAGE_KINDS:
             raise InputError(f"storage {c.storage!r}: expected one of {', '.join(STORAGE_KINDS)}")
+        if c.predictor not in PREDICTORS:
+            raise InputError(f"predictor {c.predictor!r}: expected one of {', '.join(PREDICTORS)}")
         if c.readers < 1:
             raise InputError(f"readers must be >= 1, got {c.readers}")
         if c.cpu_moe is False:

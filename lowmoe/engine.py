@@ -12,6 +12,8 @@ from .config import EngineConfig, load_model_config
 from .errors import ConfigError, InputError
 from .experts import OffloadedExperts, ResidentExperts
 from .model import KVCache, Model
+from .predict.history import History
+from .predict.nextgate import NextGate
 from .sampling import check_params, sample
 from .store import is_packed, open_store
 from .weights import load_dense
@@ -38,6 +40,14 @@ def load_tokenizer(model_dir):
         raise ConfigError(f"{path}: cannot load tokenizer ({str(e).splitlines()[0]})") from None
 
 
+def make_predictor(name, cfg, dense):
+    if name == "nextgate":
+        return NextGate(cfg, dense)
+    if name == "history":
+        return History(cfg)
+    return None
+
+
 class Engine:
     def __init__(self, model_dir, cfg, options, model, tokenizer):
         self.model_dir = model_dir
@@ -50,20 +60,22 @@ class Engine:
     def from_pretrained(cls, path=DEFAULT_MODEL, device="cpu", **options):
         """Options (each also a SHARPI_* variable, see SHARPI_ENV.md): expert_cache ("1.5GiB",
         "25%", "min"; default: every expert resident), storage ("checkpoint", "packed", "ram"),
-        readers, read_timeout_s, cpu_moe."""
+        predictor ("nextgate", "history", "none"), readers, read_timeout_s, cpu_moe."""
         options = EngineConfig.from_options(device=device, **options)
         path = os.fspath(path)
         cfg = load_model_config(path)
         ckpt = Checkpoint(path)
         dense = load_dense(ckpt, cfg)
         store = open_store(options.storage or ("packed" if is_packed(path) else "checkpoint"), path, ckpt, cfg)
+        predictor = None
         if options.expert_cache is None:
             experts = ResidentExperts(store, cfg)
             store.close()
         else:
             plan = plan_cache(options.expert_cache, cfg, store.layout.block)
             experts = OffloadedExperts(store, cfg, plan, options.readers, options.read_timeout_s)
-        return cls(path, cfg, options, Model(cfg, dense, experts), load_tokenizer(path))
+            predictor = make_predictor(options.predictor, cfg, dense)
+        return cls(path, cfg, options, Model(cfg, dense, experts, predictor), load_tokenizer(path))
 
     def close(self):
         """Stops the reader threads and closes the slow tier's files."""

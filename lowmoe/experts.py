@@ -14,7 +14,7 @@ import numpy as np
 from .backend import cpu
 from .cache import SlruCache
 from .errors import StorageError
-from .prefetch import DEMAND, ReadScheduler
+from .prefetch import DEMAND, HINT, ReadScheduler
 from .slots import Slab
 
 
@@ -42,14 +42,28 @@ def _token_rows(idx):
 
 
 class LayerStats:
+    """Counters of one MoE layer. Every chosen expert is a hit (cached), prefetched (a hint had
+    staged it or had its read in flight) or a miss (a demand read)."""
+
+    FIELDS = ("hits", "prefetched", "misses", "bytes_read", "wasted_bytes", "stall_s", "predictions",
+              "recall_k", "recall_2k")
+
     def __init__(self):
-        self.hits = self.misses = self.bytes_read = 0
-        self.stall_s = 0.0
+        for f in self.FIELDS:
+            setattr(self, f, 0)
+
+    def add(self, other):
+        for f in self.FIELDS:
+            setattr(self, f, getattr(self, f) + getattr(other, f))
 
     def as_dict(self):
-        total = self.hits + self.misses
-        return {"hits": self.hits, "misses": self.misses, "cache_hit_rate": self.hits / total if total else 0.0,
-                "bytes_read": self.bytes_read, "stall_s": self.stall_s}
+        used = self.hits + self.prefetched + self.misses
+        n = self.predictions
+        return {"hits": self.hits, "prefetched": self.prefetched, "misses": self.misses,
+                "cache_hit_rate": self.hits / used if used else 0.0,
+                "prefetch_hit_rate": self.prefetched / used if used else 0.0,
+                "topk_recall": self.recall_k / n if n else 0.0, "recall_at_2k": self.recall_2k / n if n else 0.0,
+                "bytes_read": self.bytes_read, "wasted_bytes": self.wasted_bytes, "stall_s": self.stall_s}
 
 
 class ResidentExperts:
@@ -86,21 +100,64 @@ class OffloadedExperts:
         self.slab = Slab(store.layout, plan.slots + plan.staging)
         self.reader = ReadScheduler(store, self.slab, readers, timeout_s)
         self.broken = None
+        self.staged = {}  # key -> Request of a hint read into a staging slot
+        self.releasing = {}  # key -> Request of a hint the gating did not choose; slot freed once read
+        self.predicted = {}  # layer -> experts ranked by the predictor for this token
         self.reset_stats()
+
+    def hint(self, layer, ranked):
+        """Starts reads of predicted experts of `layer` that are not cached, most likely first,
+        into free staging slots. Evicts nothing: the cache changes only when the gating fires."""
+        self._sweep()
+        self.predicted[layer] = ranked
+        for e in ranked[: 2 * self.cfg.top_k]:
+            key = (layer, int(e))
+            if key in self.cache or key in self.staged:
+                continue
+            if key in self.releasing:  # read earlier for nothing, predicted again: keep it
+                self.staged[key] = self.releasing.pop(key)
+                continue
+            slot = self.cache.stage()
+            if slot is None:
+                break
+            self.staged[key] = self.reader.submit(key, slot, HINT)
+
+    def _sweep(self):
+        """Returns the staging slots of unchosen hints whose reads have finished. One still in
+        flight keeps its slot (the read is writing there) and its key (a later request for the
+        expert takes it over instead of reading it a second time)."""
+        for key, req in list(self.releasing.items()):
+            if req.ready.is_set():
+                self.cache.release(req.slot)
+                del self.releasing[key]
 
     def reset_stats(self):
         self.layer_stats = {layer: LayerStats() for layer in self.cfg.moe_layers}
+        self.reader.bytes_read = 0
 
     def forward(self, layer, u, idx, w):
         if self.broken is not None:
             raise StorageError(f"an earlier expert read timed out ({self.broken}); reload the engine")
         rows = _token_rows(idx)
+        st = self.layer_stats[layer]
+        ranked = self.predicted.pop(layer, None)
+        if ranked is not None and idx.shape[0] == 1:
+            k = self.cfg.top_k
+            st.predictions += 1
+            st.recall_k += len(set(ranked[:k].tolist()) & set(rows)) / k
+            st.recall_2k += len(set(ranked[: 2 * k].tolist()) & set(rows)) / k
         # Cached experts first. A prefill can route to more experts than the cache has slots:
         # then they go through in groups of at most `slots`.
         keys = sorted(((layer, e) for e in rows), key=lambda k: self.cache.lookup(k) is None)
         outputs = {}
-        for i in range(0, len(keys), self.plan.slots):
-            self._group(keys[i : i + self.plan.slots], u, rows, outputs, self.layer_stats[layer])
+        try:
+            for i in range(0, len(keys), self.plan.slots):
+                self._group(keys[i : i + self.plan.slots], u, rows, outputs, st)
+        finally:
+            for key in [k for k in self.staged if k[0] == layer]:  # hints the gating did not choose
+                self.releasing[key] = self.staged.pop(key)
+                st.wasted_bytes += 3 * self.slab.layout.part
+            self._sweep()
         return _combine(u, idx, w, outputs)
 
     def _group(self, keys, u, rows, outputs, st):
@@ -112,11 +169,17 @@ class OffloadedExperts:
                 slot = self.cache.touch(key)
                 if slot is not None:
                     present[key[1]] = slot
+                    st.hits += 1
+                elif key in self.staged or key in self.releasing:  # a hint read it, or is reading it:
+                    req = self.staged.pop(key, None) or self.releasing.pop(key)  # admit by slot swap
+                    self.cache.admit(key, req.slot)
+                    self.reader.promote(req)
+                    reads[key[1]] = req
+                    st.prefetched += 1
                 else:
                     slot, _ = self.cache.insert(key)
                     reads[key[1]] = self.reader.submit(key, slot, DEMAND)
-            st.hits += len(present)
-            st.misses += len(reads)
+                    st.misses += 1
             # Compute what is here while the misses stream in.
             for e, s in present.items():
                 outputs[e] = (rows[e], _expert_out(self.slab.ffn(s), u, rows[e]))
@@ -149,12 +212,10 @@ class OffloadedExperts:
         per_layer = [dict(layer=layer, **s.as_dict()) for layer, s in self.layer_stats.items()]
         total = LayerStats()
         for s in self.layer_stats.values():
-            total.hits += s.hits
-            total.misses += s.misses
-            total.bytes_read += s.bytes_read
-            total.stall_s += s.stall_s
-        return dict(total.as_dict(), max_reads_in_flight=self.reader.max_in_flight, read_retries=self.reader.retries,
-                    per_layer=per_layer)
+            total.add(s)
+        # Hint reads finish in the background: the reader's own count covers them all.
+        return dict(total.as_dict(), bytes_read=self.reader.bytes_read, max_reads_in_flight=self.reader.max_in_flight,
+                    read_retries=self.reader.retries, per_layer=per_layer)
 
     def close(self):
         self.reader.close()

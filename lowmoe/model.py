@@ -58,10 +58,11 @@ def _swiglu(x, f):
 
 
 class Model:
-    def __init__(self, cfg, weights, experts):
+    def __init__(self, cfg, weights, experts, predictor=None):
         self.cfg = cfg
         self.w = weights
         self.experts = experts
+        self.predictor = predictor  # hints the next MoE layer's experts during decode
 
     def forward(self, tokens, kv, all_logits=False):
         """tokens int64[T] at positions kv.length.. -> logits f32[T, V] (or [1, V], last token)."""
@@ -73,7 +74,7 @@ class Model:
         for i, layer in enumerate(self.w.layers):
             x = x + self._attention(i, layer, cpu.rms_norm(x, layer.input_norm, cfg.rms_norm_eps), kv, cos, sin)
             u = cpu.rms_norm(x, layer.post_norm, cfg.rms_norm_eps)
-            x = x + self._mlp(i, layer, u)
+            x = x + self._mlp(i, layer, u, x)
         kv.length = start + T
         if not all_logits:
             x = x[-1:]
@@ -105,10 +106,16 @@ class Model:
         cpu.attention(q, kv.k[i], kv.v[i], start, out)
         return _linear(out.reshape(T, H * hd), a.o)
 
-    def _mlp(self, i, layer, u):
+    def _mlp(self, i, layer, u, h):
+        """u f32[T, D] normalised input of the MLP; h f32[T, D] the residual it is added to."""
         if layer.router is None:
             return _swiglu(u, layer.mlp)
         idx, w = cpu.router_topk(_linear(u, layer.router), self.cfg.top_k, self.cfg.norm_topk_prob)
+        if self.predictor is not None and len(u) == 1:
+            # Start reads for the next MoE layer before this layer computes its experts.
+            hint = self.predictor.predict(i, h, idx[0])
+            if hint is not None:
+                self.experts.hint(*hint)
         out = self.experts.forward(i, u, idx, w)
         if layer.shared is not None:
             gate = 1.0 / (1.0 + np.exp(-_linear(u, layer.shared_gate)))  # [T, 1]

@@ -65,6 +65,13 @@ class ReadScheduler:
             self.wake.notify()
             return req
 
+    def promote(self, req):
+        """Raises a queued hint to demand priority (the gating chose it); no-op once it started."""
+        with self.lock:
+            if not req.taken and req.priority > DEMAND:
+                req.priority = DEMAND
+                heapq.heappush(self.queue, (DEMAND, next(self.seq), req))
+
     def wait(self, req):
         """Blocks until `req` is read; raises StorageError on a failed or timed-out read.
         Returns the seconds spent waiting."""

@@ -32,10 +32,13 @@ def add_engine_arguments(p):
     p.add_argument("--storage", default=None, choices=("checkpoint", "packed", "ram"),
                    help="slow tier the experts are read from (default: packed if the model folder is packed)")
     p.add_argument("--readers", type=int, default=None, help="reader threads (default 2)")
+    p.add_argument("--predictor", default=None, choices=("nextgate", "history", "none"),
+                   help="expert prediction that starts reads early (default nextgate; none: the reactive cache)")
 
 
 def engine_options(args):
-    return {"expert_cache": args.expert_cache, "storage": args.storage, "readers": args.readers}
+    return {"expert_cache": args.expert_cache, "storage": args.storage, "readers": args.readers,
+            "predictor": args.predictor}
 
 
 def _prompt_ids(engine, args):

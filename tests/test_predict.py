@@ -1,0 +1,95 @@
+"""Expert prediction: hints change speed, never results or the cache's decisions; recall stats
+agree with a recount from the recorded routing."""
+
+import numpy as np
+import pytest
+
+import lowmoe
+
+PROMPT = [5, 17, 300, 42, 9, 77, 1000, 3, 12, 250, 8, 64]
+NEW = 16
+
+
+@pytest.fixture(scope="module")
+def reference():
+    with lowmoe.Engine.from_pretrained() as e:
+        gen = e.generate(PROMPT, NEW, stop_at_eos=False)
+        return gen.tokens, e.logits(PROMPT + gen.tokens[:4])
+
+
+class Wrong:
+    """Ranks the next layer's experts in the reverse of nextgate's order: mostly wrong hints."""
+
+    def __init__(self, engine):
+        self.inner = engine.model.predictor
+
+    def predict(self, layer, h, chosen):
+        p = self.inner.predict(layer, h, chosen)
+        return None if p is None else (p[0], p[1][::-1])
+
+
+@pytest.mark.parametrize("budget", ["min", "25%"])
+@pytest.mark.parametrize("predictor", ["none", "nextgate", "history", "wrong"])
+def test_output_identical_for_every_predictor(predictor, budget, reference):
+    with lowmoe.Engine.from_pretrained(expert_cache=budget, predictor="nextgate" if predictor == "wrong" else predictor) as e:
+        if predictor == "wrong":
+            e.model.predictor = Wrong(e)
+        gen = e.generate(PROMPT, NEW, stop_at_eos=False)
+        assert gen.tokens == reference[0]
+        assert np.array_equal(e.logits(PROMPT + gen.tokens[:4]), reference[1])
+        if predictor in ("nextgate", "history"):
+            assert gen.stats["prefetched"] > 0
+
+
+def _cache_states(engine):
+    """The cache's (key -> segment) after every decode step."""
+    cache, states = engine.model.experts.cache, []
+    for _ in engine.stream(PROMPT, NEW, stop_at_eos=False):
+        states.append({k: cache.segment(k) for k in list(cache._prob) + list(cache._prot)})
+    return states
+
+
+@pytest.mark.parametrize("predictor", ["nextgate", "wrong"])
+def test_hints_never_change_what_the_cache_holds(predictor):
+    """Hints only read into staging slots: after every step the cache holds the same experts in the
+    same segments as the reactive run (slot ids may differ: admission swaps them)."""
+    with lowmoe.Engine.from_pretrained(expert_cache="25%", predictor="none") as e:
+        reactive = _cache_states(e)
+    with lowmoe.Engine.from_pretrained(expert_cache="25%", predictor="nextgate") as e:
+        if predictor == "wrong":
+            e.model.predictor = Wrong(e)
+        assert _cache_states(e) == reactive
+
+
+def test_recall_and_prefetch_stats_match_a_recount():
+    with lowmoe.Engine.from_pretrained(expert_cache="25%", predictor="nextgate") as e:
+        predicted, chosen = {}, {}
+        inner_predict, inner_forward = e.model.predictor.predict, e.model.experts.forward
+
+        def predict(layer, h, c):
+            p = inner_predict(layer, h, c)
+            if p is not None:
+                predicted.setdefault(p[0], []).append(p[1])
+            return p
+
+        def forward(layer, u, idx, w):
+            if len(u) == 1:
+                chosen.setdefault(layer, []).append(set(idx[0].tolist()))
+            return inner_forward(layer, u, idx, w)
+
+        e.model.predictor.predict, e.model.experts.forward = predict, forward
+        stats = e.generate(PROMPT, NEW, stop_at_eos=False).stats
+    k = e.config.top_k
+    recalls, recalls_2k = [], []
+    for layer, preds in predicted.items():
+        for ranked, c in zip(preds, chosen[layer][-len(preds):]):
+            recalls.append(len(set(ranked[:k].tolist()) & c) / k)
+            recalls_2k.append(len(set(ranked[: 2 * k].tolist()) & c) / k)
+    # stats cover the decode steps after prefill; the recount covers the same forwards
+    assert stats["topk_recall"] == pytest.approx(np.mean(recalls))
+    assert stats["recall_at_2k"] == pytest.approx(np.mean(recalls_2k))
+    assert stats["topk_recall"] > 0.5  # the trained router predicts its next layer well
+    per_layer = {s["layer"]: s for s in stats["per_layer"]}
+    assert per_layer[e.config.moe_layers[0]]["topk_recall"] == 0.0  # nothing predicts the first layer
+    used = stats["hits"] + stats["prefetched"] + stats["misses"]
+    assert stats["prefetch_hit_rate"] == pytest.approx(stats["prefetched"] / used)
