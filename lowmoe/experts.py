@@ -106,11 +106,13 @@ class OffloadedExperts:
         self.reset_stats()
 
     def hint(self, layer, ranked):
-        """Starts reads of predicted experts of `layer` that are not cached, most likely first,
-        into free staging slots. Evicts nothing: the cache changes only when the gating fires."""
+        """Starts reads of the predicted top-k experts of `layer` that are not cached, most likely
+        first, into free staging slots. Evicts nothing: the cache changes only when the gating
+        fires. Hints stop at the top k: a read of a less likely expert competes for the disk
+        with the demand reads (measured: the oracle read 2.5x the bytes of the reactive run)."""
         self._sweep()
         self.predicted[layer] = ranked
-        for e in ranked[: 2 * self.cfg.top_k]:
+        for e in ranked[: self.cfg.top_k]:
             key = (layer, int(e))
             if key in self.cache or key in self.staged:
                 continue

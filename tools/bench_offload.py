@@ -19,6 +19,7 @@ import numpy as np
 
 import lowmoe
 from lowmoe.pack import pack_model
+from lowmoe.predict.oracle import Oracle, Recorder
 
 CONFIG = {"model_type": "qwen3_moe", "vocab_size": 4096, "hidden_size": 1024, "intermediate_size": 2048,
           "moe_intermediate_size": 768, "num_hidden_layers": 8, "num_attention_heads": 16, "num_key_value_heads": 4,
@@ -92,11 +93,24 @@ def reads_alone(engine, keys):
     return time.perf_counter() - t0, len(reqs)
 
 
+def decode(packed, budget, prompt, new_tokens, strategy, routes=None):
+    """One cold-cache run: (generation, seconds of the same reads done alone)."""
+    predictor = "nextgate" if strategy == "oracle" else strategy
+    with lowmoe.Engine.from_pretrained(packed, expert_cache=budget, predictor=predictor) as e:
+        if strategy == "oracle":
+            e.model.predictor = Oracle(e.config, routes)
+        g = e.generate(prompt, new_tokens, stop_at_eos=False)
+        read_s, n = reads_alone(e, [(l, x) for l in e.config.moe_layers for x in range(e.config.num_experts)])
+        direct = e.model.experts.reader.store.direct
+    return g, read_s / n * g.stats["bytes_read"] / e.model.experts.slab.layout.block, direct
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--dir", default="/var/tmp/lowmoe-bench-offload")
     ap.add_argument("--new-tokens", type=int, default=48)
     ap.add_argument("--budgets", default="100%,50%,25%,10%")
+    ap.add_argument("--strategies", default="none,nextgate,history,oracle")
     args = ap.parse_args()
 
     src, packed = os.path.join(args.dir, "model"), os.path.join(args.dir, "packed")
@@ -110,27 +124,29 @@ def main():
     with lowmoe.Engine.from_pretrained(packed) as e:  # compute alone: every expert resident
         e.generate(prompt, 2)
         resident = e.generate(prompt, args.new_tokens, stop_at_eos=False)
+    with lowmoe.Engine.from_pretrained(packed, expert_cache="100%", predictor="none") as e:
+        e.model.predictor = recorder = Recorder(e.config)
+        e.generate(prompt, args.new_tokens, stop_at_eos=False)
     rows = []
     for budget in args.budgets.split(","):
-        with lowmoe.Engine.from_pretrained(packed, expert_cache=budget) as e:
-            g = e.generate(prompt, args.new_tokens, stop_at_eos=False)
+        for strategy in args.strategies.split(","):  # side by side, same budget, each from a cold cache
+            g, reads_s, direct = decode(packed, budget, prompt, args.new_tokens, strategy, recorder.routes)
             assert g.tokens == resident.tokens, "offloaded output differs from the resident run"
-            s = g.stats
-            read_s, n = reads_alone(e, [(l, x) for l in e.config.moe_layers for x in range(e.config.num_experts)])
-            per_read = read_s / n
-        misses_s = s["misses"] * per_read  # the decode's reads, done alone
-        overlap = (misses_s + resident.stats["decode_s"] - g.stats["decode_s"]) / misses_s if s["misses"] else 0.0
-        rows.append((budget, g.stats["decode_tok_s"], s["stall_s"] / g.stats["decode_s"], s["bytes_read"] / g.stats["decode_tokens"],
-                     s["cache_hit_rate"], misses_s, overlap, e.model.experts.reader.store.direct))
+            s, d = g.stats, g.stats["decode_s"]
+            hidden = (reads_s + resident.stats["decode_s"] - d) / reads_s if reads_s else 0.0
+            rows.append((budget, strategy, g.stats["decode_tok_s"], s["stall_s"] / d, s["bytes_read"] / g.stats["decode_tokens"],
+                         s["cache_hit_rate"], s["prefetch_hit_rate"], s["topk_recall"], hidden, direct))
 
     print(f"model: {CONFIG['num_hidden_layers']} MoE layers x {CONFIG['num_experts']} experts, "
           f"{os.path.getsize(os.path.join(packed, 'experts.bin')) / 1e9:.2f} GB packed experts; "
           f"disk sequential read (O_DIRECT, 64 MiB): {disk:.2f} GB/s; {args.new_tokens} new tokens")
     print(f"every expert resident (compute alone): {resident.stats['decode_tok_s']:.1f} tok/s")
-    print("| budget | decode tok/s | stall fraction | MB read/token | cache hit rate | reads alone s | share of read time hidden | O_DIRECT |")
-    print("|---|---|---|---|---|---|---|---|")
-    for b, tps, stall, bpt, hit, ra, ov, direct in rows:
-        print(f"| {b} | {tps:.1f} | {stall:.2f} | {bpt / 1e6:.1f} | {hit:.2f} | {ra:.2f} | {max(ov, 0):.0%} | {direct} |")
+    print("| budget | strategy | decode tok/s | vs none | stall fraction | MB read/token | cache hit rate | prefetch hit rate | top-k recall | read time hidden | O_DIRECT |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    base = {r[0]: r[2] for r in rows if r[1] == "none"}
+    for b, strat, tps, stall, bpt, hit, pre, rec, hidden, direct in rows:
+        ratio = f"{tps / base[b]:.2f}x" if b in base else "-"
+        print(f"| {b} | {strat} | {tps:.1f} | {ratio} | {stall:.2f} | {bpt / 1e6:.1f} | {hit:.2f} | {pre:.2f} | {rec:.2f} | {max(hidden, 0):.0%} | {direct} |")
 
 
 if __name__ == "__main__":
