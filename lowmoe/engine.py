@@ -137,6 +137,7 @@ class Engine:
                 if n + 1 == max_new_tokens or (stop_at_eos and token in self.config.eos_token_ids):
                     break
                 t = time.perf_counter()
+                self.model.experts.token = n
                 logits = self.model.forward(np.array([token], np.int64), kv)
                 stats["decode_s"] += time.perf_counter() - t
                 stats["decode_tokens"] += 1

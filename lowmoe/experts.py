@@ -16,6 +16,7 @@ from .cache import SlruCache
 from .errors import StorageError
 from .prefetch import DEMAND, HINT, ReadScheduler
 from .slots import Slab
+from .trace import LayerEvent
 
 
 def _expert_out(ffn, u, rows):
@@ -69,6 +70,8 @@ class LayerStats:
 class ResidentExperts:
     """Every routed expert in host memory, read once from the store."""
 
+    token = 0  # decode step, set by the engine; nothing is read, so no events
+
     def __init__(self, store, cfg):
         keys = [(layer, e) for layer in cfg.moe_layers for e in range(cfg.num_experts)]
         self.slab = Slab(store.layout, len(keys))
@@ -103,6 +106,8 @@ class OffloadedExperts:
         self.staged = {}  # key -> Request of a hint read into a staging slot
         self.releasing = {}  # key -> Request of a hint the gating did not choose; slot freed once read
         self.predicted = {}  # layer -> experts ranked by the predictor for this token
+        self.on_event = None  # callable(LayerEvent) for each decode layer, e.g. a trace sink
+        self.token = 0  # decode step, set by the engine
         self.reset_stats()
 
     def hint(self, layer, ranked):
@@ -142,6 +147,8 @@ class OffloadedExperts:
             raise StorageError(f"an earlier expert read timed out ({self.broken}); reload the engine")
         rows = _token_rows(idx)
         st = self.layer_stats[layer]
+        before = LayerStats()
+        before.add(st)
         ranked = self.predicted.pop(layer, None)
         if ranked is not None and idx.shape[0] == 1:
             k = self.cfg.top_k
@@ -160,6 +167,12 @@ class OffloadedExperts:
                 self.releasing[key] = self.staged.pop(key)
                 st.wasted_bytes += 3 * self.slab.layout.part
             self._sweep()
+        if self.on_event is not None and idx.shape[0] == 1:
+            k = self.cfg.top_k
+            self.on_event(LayerEvent(
+                self.token, layer, sorted(rows), [] if ranked is None else [int(e) for e in ranked[:k]],
+                st.hits - before.hits, st.prefetched - before.prefetched, st.misses - before.misses,
+                st.stall_s - before.stall_s, st.bytes_read - before.bytes_read, st.wasted_bytes - before.wasted_bytes))
         return _combine(u, idx, w, outputs)
 
     def _group(self, keys, u, rows, outputs, st):
