@@ -186,7 +186,7 @@ def parse_model_config(cfg, path="config.json"):
 
 
 STORAGE_KINDS = ("checkpoint", "packed", "ram")
-PREDICTORS = ("none", "nextgate", "history")
+PREDICTORS = ("none", "nextgate", "history", "learned")
 # EngineConfig field -> environment variable; an option given to the API or CLI wins.
 ENV_VARS = {"expert_cache": "SHARPI_EXPERT_CACHE", "storage": "SHARPI_STORAGE", "readers": "SHARPI_READERS",
             "cpu_moe": "SHARPI_CPU_MOE", "predictor": "SHARPI_MOE_PREDICTOR"}
@@ -202,7 +202,7 @@ class EngineConfig:
     readers: int = 2  # reader threads
     read_timeout_s: float = 30.0
     cpu_moe: bool = None  # experts computed on the CPU; None: decide automatically
-    predictor: str = "nextgate"  # hints for the expert cache: "none", "nextgate", "history"
+    predictor: str = None  # hints for the expert cache: PREDICTORS; None: learned if fitted, else nextgate
 
     @classmethod
     def from_options(cls, env=None, **options):
@@ -222,7 +222,7 @@ class EngineConfig:
             raise InputError(f"device {c.device!r} is not available yet; use device='cpu'")
         if c.storage is not None and c.storage not in STORAGE_KINDS:
             raise InputError(f"storage {c.storage!r}: expected one of {', '.join(STORAGE_KINDS)}")
-        if c.predictor not in PREDICTORS:
+        if c.predictor is not None and c.predictor not in PREDICTORS:
             raise InputError(f"predictor {c.predictor!r}: expected one of {', '.join(PREDICTORS)}")
         if c.readers < 1:
             raise InputError(f"readers must be >= 1, got {c.readers}")

@@ -13,6 +13,8 @@ from .errors import ConfigError, InputError
 from .experts import OffloadedExperts, ResidentExperts
 from .model import KVCache, Model
 from .predict.history import History
+from .predict.learned import FILENAME as LEARNED_FILE
+from .predict.learned import Learned
 from .predict.nextgate import NextGate
 from .sampling import check_params, sample
 from .store import is_packed, open_store
@@ -40,7 +42,15 @@ def load_tokenizer(model_dir):
         raise ConfigError(f"{path}: cannot load tokenizer ({str(e).splitlines()[0]})") from None
 
 
-def make_predictor(name, cfg, dense):
+def make_predictor(name, cfg, dense, model_dir):
+    """name None: "learned" when the model folder has a fitted predictor file, else "nextgate"."""
+    learned = os.path.join(model_dir, LEARNED_FILE)
+    if name is None:
+        name = "learned" if os.path.isfile(learned) else "nextgate"
+    if name == "learned":
+        if not os.path.isfile(learned):
+            raise InputError(f"predictor 'learned': {learned} not found; run `lowmoe train-predictor {model_dir}`")
+        return Learned(cfg, learned)
     if name == "nextgate":
         return NextGate(cfg, dense)
     if name == "history":
@@ -60,7 +70,8 @@ class Engine:
     def from_pretrained(cls, path=DEFAULT_MODEL, device="cpu", **options):
         """Options (each also a SHARPI_* variable, see SHARPI_ENV.md): expert_cache ("1.5GiB",
         "25%", "min"; default: every expert resident), storage ("checkpoint", "packed", "ram"),
-        predictor ("nextgate", "history", "none"), readers, read_timeout_s, cpu_moe."""
+        predictor ("learned", "nextgate", "history", "none"; default: learned if the model folder has
+        moe_predictor.safetensors, else nextgate), readers, read_timeout_s, cpu_moe."""
         options = EngineConfig.from_options(device=device, **options)
         path = os.fspath(path)
         cfg = load_model_config(path)
@@ -74,7 +85,7 @@ class Engine:
         else:
             plan = plan_cache(options.expert_cache, cfg, store.layout.block)
             experts = OffloadedExperts(store, cfg, plan, options.readers, options.read_timeout_s)
-            predictor = make_predictor(options.predictor, cfg, dense)
+            predictor = make_predictor(options.predictor, cfg, dense, path)
         return cls(path, cfg, options, Model(cfg, dense, experts, predictor), load_tokenizer(path))
 
     def close(self):

@@ -5,7 +5,9 @@
 Held-out text: the last tokens of the King James Bible (the end of Revelation), which the
 bundled model's training left out (tools/train_default_model.py holds out its last 16384
 tokens). The text is fed one token at a time through the decoder (teacher forcing), with the
-expert cache at 100% so that only prediction is measured.
+expert cache at 100% so that only prediction is measured. `learned` is measured when its file
+exists (--learned FILE; train it on other text, e.g. `lowmoe train-predictor --calib genesis.txt
+--out FILE`).
 """
 
 import argparse
@@ -16,6 +18,7 @@ import numpy as np
 
 import lowmoe
 from lowmoe.model import KVCache
+from lowmoe.predict.learned import FILENAME, Learned
 
 _TRAIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_default_model.py")
 
@@ -32,8 +35,10 @@ def held_out_ids(engine, n):
     return ids[-n:]
 
 
-def per_layer_recall(predictor, ids):
-    with lowmoe.Engine.from_pretrained(expert_cache="100%", predictor=predictor) as e:
+def per_layer_recall(predictor, ids, learned_file):
+    with lowmoe.Engine.from_pretrained(expert_cache="100%", predictor="none" if predictor == "learned" else predictor) as e:
+        if predictor == "learned":
+            e.model.predictor = Learned(e.config, learned_file)
         kv = KVCache(e.config, len(ids))
         e.model.experts.reset_stats()
         for t in ids:
@@ -44,10 +49,13 @@ def per_layer_recall(predictor, ids):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=2048)
+    ap.add_argument("--learned", default=os.path.join(lowmoe.DEFAULT_MODEL, FILENAME),
+                    help="predictor file from `lowmoe train-predictor` (measured when it exists)")
     args = ap.parse_args()
     engine = lowmoe.Engine.from_pretrained()
     ids = held_out_ids(engine, args.tokens)
-    results = {name: per_layer_recall(name, ids) for name in ("nextgate", "history")}
+    names = ("nextgate", "history") + (("learned",) if os.path.isfile(args.learned) else ())
+    results = {name: per_layer_recall(name, ids, args.learned) for name in names}
     layers = [s["layer"] for s in results["nextgate"]["per_layer"]][1:]  # nothing predicts the first
     print(f"held-out: last {len(ids)} tokens of the KJV; top-{engine.config.top_k} of {engine.config.num_experts}")
     print("| predictor | " + " | ".join(f"layer {l}" for l in layers) + " | mean top-k recall | mean recall at 2k |")

@@ -9,6 +9,8 @@ COMMANDS = {
     "decode": "generate text with a model (default: the bundled model)",
     "info": "print a model's architecture and the bytes of dense vs expert weights",
     "pack": "write an expert-major packed copy of a model for fast expert reads",
+    "train-predictor": "fit the learned expert predictor on calibration text, saved beside the model",
+    "trace": "print the per-layer expert cache summary of a trace file from `decode --trace`",
 }
 
 
@@ -18,7 +20,7 @@ def main(argv=None):
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     modules = {}
     for name, help_text in COMMANDS.items():
-        modules[name] = importlib.import_module(f"lowmoe.cli.{name}")
+        modules[name] = importlib.import_module(f"lowmoe.cli.{name.replace('-', '_')}")
         modules[name].add_arguments(sub.add_parser(name, help=help_text, description=help_text))
     args = parser.parse_args(argv)
 

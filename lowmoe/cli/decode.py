@@ -21,6 +21,9 @@ def add_arguments(p):
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    p.add_argument("--trace", default=None, metavar="FILE",
+                   help="write a JSONL trace of the expert cache, one line per decode token and MoE layer "
+                   "(needs an expert cache; overrides a path in SHARPI_TRACE_MOE); read it with `lowmoe trace FILE`")
     add_engine_arguments(p)
 
 
@@ -32,8 +35,9 @@ def add_engine_arguments(p):
     p.add_argument("--storage", default=None, choices=("checkpoint", "packed", "ram"),
                    help="slow tier the experts are read from (default: packed if the model folder is packed)")
     p.add_argument("--readers", type=int, default=None, help="reader threads (default 2)")
-    p.add_argument("--predictor", default=None, choices=("nextgate", "history", "none"),
-                   help="expert prediction that starts reads early (default nextgate; none: the reactive cache)")
+    p.add_argument("--predictor", default=None, choices=("learned", "nextgate", "history", "none"),
+                   help="expert prediction that starts reads early (default: learned if the model folder has "
+                   "moe_predictor.safetensors, else nextgate; none: the reactive cache)")
 
 
 def engine_options(args):
@@ -71,6 +75,39 @@ def _split_positional(args):
     return model
 
 
+def _trace_target(args):
+    """(JSONL path or None, print the summary table?) from --trace and SHARPI_TRACE_MOE: `1` asks
+    for the table, any other value is a path for the JSONL and asks for the table too. `0` is off,
+    like the other SHARPI switches, rather than a file named 0."""
+    env = os.environ.get("SHARPI_TRACE_MOE", "")
+    path = args.trace or (env if env not in ("", "0", "1") else None)
+    return path, env not in ("", "0")
+
+
+def _attach_trace(engine, model, path, table):
+    """Sets the expert cache's event callback; returns (JSONL sink or None, Summary or None)."""
+    from lowmoe.errors import InputError
+    from lowmoe.trace import JsonlSink, Summary
+
+    if engine.options.expert_cache is None:
+        raise InputError("--trace and SHARPI_TRACE_MOE trace the expert cache, and there is none: "
+                         "add --expert-cache BUDGET (e.g. 25%)")
+    # The engine resolves the default predictor itself (learned if fitted, else nextgate): name the
+    # one it built, from its class (NextGate -> "nextgate").
+    p = engine.model.predictor
+    predictor = "none" if p is None else type(p).__name__.lower()
+    sink = JsonlSink(path, model, engine.options.expert_cache, predictor) if path else None
+    summary = Summary() if table else None
+    consumers = [c for c in (sink, summary) if c is not None]
+
+    def on_event(event):
+        for c in consumers:
+            c(event)
+
+    engine.model.experts.on_event = on_event
+    return sink, summary
+
+
 def main(args):
     from lowmoe import DEFAULT_MODEL, Engine
     from lowmoe.errors import InputError
@@ -79,8 +116,28 @@ def main(args):
     if args.max_new_tokens < 0:
         raise InputError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     t0 = time.perf_counter()
+    trace_path, table = _trace_target(args)
     engine = Engine.from_pretrained(model or DEFAULT_MODEL, **engine_options(args))
     ids = _prompt_ids(engine, args)
+    sink = summary = None
+    if trace_path or table:
+        sink, summary = _attach_trace(engine, model or DEFAULT_MODEL, trace_path, table)
+    try:
+        _run(engine, ids, args, t0)
+    finally:
+        if sink is not None:
+            sink.close()
+    if summary is not None:
+        from rich.console import Console
+
+        from lowmoe.trace import summary_table
+
+        Console(stderr=True).print(summary_table(summary.rows()))
+    return 0
+
+
+def _run(engine, ids, args, t0):
+    """Streams the tokens to stdout, or prints the JSON object."""
     stats = {}
     stream = engine.stream(ids, args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed, stats=stats)
     tokens, shown = [], ""
@@ -111,4 +168,3 @@ def main(args):
         print(json.dumps(out))
     else:
         sys.stdout.write(engine.decode(tokens)[len(shown):] + "\n")
-    return 0

@@ -1,0 +1,78 @@
+"""The learned predictor: fitting recovers a planted routing, bad files are clear errors, and a
+model folder with a fitted file picks it by default without changing any output."""
+
+import shutil
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+import lowmoe
+from lowmoe.cli.__main__ import main as cli
+from lowmoe.errors import CheckpointError, InputError
+from lowmoe.predict import learned
+
+PROMPT = [5, 17, 300, 42, 9, 77, 1000, 3, 12, 250, 8, 64]
+
+
+def test_fit_recovers_planted_routing():
+    rng = np.random.default_rng(0)
+    D, E, k = 32, 16, 4
+    A = rng.standard_normal((E, D)).astype(np.float32)
+
+    def sample(n):
+        u = learned.normalise(rng.standard_normal((n, D)).astype(np.float32), 1e-6)
+        return u, np.argsort(-(u @ A.T), axis=1)[:, :k]  # top-k is scale-free: same as on raw h
+
+    u, chosen = sample(4000)
+    w, b = learned.fit(u, chosen, np.zeros((E, D), np.float32), np.zeros(E, np.float32))
+    assert learned.topk_recall(w, b, *sample(2000)) >= 0.9
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return lowmoe.Engine.from_pretrained().config
+
+
+def _layers(cfg):
+    E, D = cfg.num_experts, cfg.hidden_size
+    return {n: (np.zeros((E, D), np.float32), np.zeros(E, np.float32)) for n in cfg.moe_layers[:-1]}
+
+
+def test_bad_file_names_file_and_tensor(cfg, tmp_path):
+    good = tmp_path / "good.safetensors"
+    learned.save(good, cfg, _layers(cfg))
+    assert set(learned.Learned(cfg, good).layers) == set(cfg.moe_layers[:-1])
+
+    meta = {"model_type": cfg.model_type, "hidden_size": str(cfg.hidden_size), "num_experts": str(cfg.num_experts)}
+    tensors = {f"predictor.layers.{n}.{s}": t for n, (w, b) in _layers(cfg).items() for s, t in (("weight", w), ("bias", b))}
+    wrong = dict(tensors, **{"predictor.layers.1.weight": np.zeros((cfg.num_experts, 7), np.float32)})
+    missing = {name: t for name, t in tensors.items() if name != "predictor.layers.2.bias"}
+    for case, ts, tensor in (("wrong", wrong, "predictor.layers.1.weight"), ("missing", missing, "predictor.layers.2.bias")):
+        path = tmp_path / f"{case}.safetensors"
+        save_file(ts, str(path), metadata=meta)
+        with pytest.raises(CheckpointError, match=f"{path}.*{tensor}"):
+            learned.Learned(cfg, path)
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointError, match=str(junk)):
+        learned.Learned(cfg, junk)
+
+
+def test_explicit_learned_without_file_is_one_line_error(tmp_path):
+    model = shutil.copytree(lowmoe.DEFAULT_MODEL, tmp_path / "model")
+    with pytest.raises(InputError, match=str(model / learned.FILENAME)):
+        lowmoe.Engine.from_pretrained(model, expert_cache="25%", predictor="learned")
+
+
+def test_trained_file_is_default_and_changes_no_output(tmp_path):
+    model = shutil.copytree(lowmoe.DEFAULT_MODEL, tmp_path / "model")
+    assert cli(["train-predictor", str(model), "--tokens", "200"]) == 0
+    assert (model / learned.FILENAME).is_file()
+    with lowmoe.Engine.from_pretrained(model) as e:
+        reference = e.generate(PROMPT, 16, stop_at_eos=False).tokens
+    with lowmoe.Engine.from_pretrained(model, expert_cache="25%") as e:
+        assert isinstance(e.model.predictor, learned.Learned)
+        gen = e.generate(PROMPT, 16, stop_at_eos=False)
+    assert gen.tokens == reference
+    assert gen.stats["prefetched"] > 0
