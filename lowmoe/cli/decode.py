@@ -24,6 +24,9 @@ def add_arguments(p):
     p.add_argument("--trace", default=None, metavar="FILE",
                    help="write a JSONL trace of the expert cache, one line per decode token and MoE layer "
                    "(needs an expert cache; overrides a path in SHARPI_TRACE_MOE); read it with `lowmoe trace FILE`")
+    p.add_argument("--dashboard", action="store_true",
+                   help="live view while generating: text, tok/s, cache occupancy, read MB/s, recall and hit "
+                   "rates per MoE layer (needs an expert cache)")
     add_engine_arguments(p)
 
 
@@ -84,13 +87,13 @@ def _trace_target(args):
     return path, env not in ("", "0")
 
 
-def _attach_trace(engine, model, path, table):
+def _attach_trace(engine, model, path, table, dashboard):
     """Sets the expert cache's event callback; returns (JSONL sink or None, Summary or None)."""
     from lowmoe.errors import InputError
     from lowmoe.trace import JsonlSink, Summary
 
     if engine.options.expert_cache is None:
-        raise InputError("--trace and SHARPI_TRACE_MOE trace the expert cache, and there is none: "
+        raise InputError("--trace, --dashboard and SHARPI_TRACE_MOE show the expert cache, and there is none: "
                          "add --expert-cache BUDGET (e.g. 25%)")
     # The engine resolves the default predictor itself (learned if fitted, else nextgate): name the
     # one it built, from its class (NextGate -> "nextgate").
@@ -98,7 +101,7 @@ def _attach_trace(engine, model, path, table):
     predictor = "none" if p is None else type(p).__name__.lower()
     sink = JsonlSink(path, model, engine.options.expert_cache, predictor) if path else None
     summary = Summary() if table else None
-    consumers = [c for c in (sink, summary) if c is not None]
+    consumers = [c for c in (sink, summary, dashboard) if c is not None]
 
     def on_event(event):
         for c in consumers:
@@ -119,11 +122,18 @@ def main(args):
     trace_path, table = _trace_target(args)
     engine = Engine.from_pretrained(model or DEFAULT_MODEL, **engine_options(args))
     ids = _prompt_ids(engine, args)
-    sink = summary = None
-    if trace_path or table:
-        sink, summary = _attach_trace(engine, model or DEFAULT_MODEL, trace_path, table)
+    sink = summary = dashboard = None
+    if args.dashboard:
+        from lowmoe.dashboard import Dashboard
+
+        dashboard = Dashboard(engine)
+    if trace_path or table or dashboard:
+        sink, summary = _attach_trace(engine, model or DEFAULT_MODEL, trace_path, table, dashboard)
     try:
-        _run(engine, ids, args, t0)
+        if dashboard is not None:
+            _run_live(engine, ids, args, dashboard)
+        else:
+            _run(engine, ids, args, t0)
     finally:
         if sink is not None:
             sink.close()
@@ -134,6 +144,17 @@ def main(args):
 
         Console(stderr=True).print(summary_table(summary.rows()))
     return 0
+
+
+def _run_live(engine, ids, args, dashboard):
+    """The dashboard replaces the streamed text; rich redraws it a few times a second."""
+    from rich.live import Live
+
+    tokens = []
+    with Live(get_renderable=dashboard.render, refresh_per_second=4):
+        for token in engine.stream(ids, args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed):
+            tokens.append(token)
+            dashboard.token(engine.decode(tokens))
 
 
 def _run(engine, ids, args, t0):
