@@ -186,7 +186,7 @@ def parse_model_config(cfg, path="config.json"):
 
 
 STORAGE_KINDS = ("checkpoint", "packed", "ram")
-PREDICTORS = ("none", "nextgate", "history", "learned")
+PREDICTORS = ("none", "nextgate", "history", "learned", "pregate")
 # EngineConfig field -> environment variable; an option given to the API or CLI wins.
 ENV_VARS = {"expert_cache": "SHARPI_EXPERT_CACHE", "storage": "SHARPI_STORAGE", "readers": "SHARPI_READERS",
             "cpu_moe": "SHARPI_CPU_MOE", "predictor": "SHARPI_MOE_PREDICTOR"}
@@ -202,7 +202,8 @@ class EngineConfig:
     readers: int = 2  # reader threads
     read_timeout_s: float = 30.0
     cpu_moe: bool = None  # experts computed on the CPU; None: decide automatically
-    predictor: str = None  # hints for the expert cache: PREDICTORS; None: learned if fitted, else nextgate
+    predictor: str = None  # hints for the expert cache: PREDICTORS; None: pregate if the checkpoint has
+    # heads, else learned if fitted, else nextgate
 
     @classmethod
     def from_options(cls, env=None, **options):

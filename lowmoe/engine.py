@@ -16,6 +16,7 @@ from .predict.history import History
 from .predict.learned import FILENAME as LEARNED_FILE
 from .predict.learned import Learned
 from .predict.nextgate import NextGate
+from .predict.pregate import PreGate, has_heads
 from .sampling import check_params, sample
 from .store import is_packed, open_store
 from .weights import load_dense
@@ -43,10 +44,15 @@ def load_tokenizer(model_dir):
 
 
 def make_predictor(name, cfg, dense, model_dir):
-    """name None: "learned" when the model folder has a fitted predictor file, else "nextgate"."""
+    """name None: "pregate" when the checkpoint ships pre-gate heads, else "learned" when the
+    model folder has a fitted predictor file, else "nextgate"."""
     learned = os.path.join(model_dir, LEARNED_FILE)
     if name is None:
-        name = "learned" if os.path.isfile(learned) else "nextgate"
+        name = "pregate" if has_heads(dense) else "learned" if os.path.isfile(learned) else "nextgate"
+    if name == "pregate":
+        if not has_heads(dense):
+            raise InputError(f"predictor 'pregate': {model_dir} has no model.layers.N.mlp.pre_gate.weight tensors")
+        return PreGate(cfg, dense)
     if name == "learned":
         if not os.path.isfile(learned):
             raise InputError(f"predictor 'learned': {learned} not found; run `lowmoe train-predictor {model_dir}`")
@@ -70,7 +76,8 @@ class Engine:
     def from_pretrained(cls, path=DEFAULT_MODEL, device="cpu", **options):
         """Options (each also a SHARPI_* variable, see SHARPI_ENV.md): expert_cache ("1.5GiB",
         "25%", "min"; default: every expert resident), storage ("checkpoint", "packed", "ram"),
-        predictor ("learned", "nextgate", "history", "none"; default: learned if the model folder has
+        predictor ("pregate", "learned", "nextgate", "history", "none"; default: pregate if the
+        checkpoint ships pre-gate heads, else learned if the model folder has
         moe_predictor.safetensors, else nextgate), readers, read_timeout_s, cpu_moe."""
         options = EngineConfig.from_options(device=device, **options)
         path = os.fspath(path)

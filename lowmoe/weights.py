@@ -52,6 +52,7 @@ class Layer:
     mlp: FFN = None  # dense layers
     shared: FFN = None  # the Qwen2-MoE shared expert
     shared_gate: Matrix = None  # [1, D]
+    pre_gate: Matrix = None  # [E of the next MoE layer, D]: a pre-gate head shipped in the checkpoint
 
 
 @dataclass
@@ -112,6 +113,11 @@ def load_dense(ckpt: Checkpoint, cfg):
         )
         if cfg.sparse_layers[i]:
             layer.router = _matrix(ckpt, f"{p}{cfg.moe_prefix}.gate.weight", (cfg.num_experts, D))
+            head = p + "mlp.pre_gate.weight"
+            if head in ckpt:
+                if i == cfg.moe_layers[-1]:
+                    raise CheckpointError(f"{ckpt.info(head).file}: '{head}' on the last MoE layer: no layer to predict")
+                layer.pre_gate = _matrix(ckpt, head, (cfg.num_experts, D))
             if cfg.shared_expert_intermediate:
                 layer.shared = _mlp(ckpt, p + "mlp.shared_expert.", cfg.shared_expert_intermediate, D)
                 layer.shared_gate = _matrix(ckpt, p + "mlp.shared_expert_gate.weight", (1, D))

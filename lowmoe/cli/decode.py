@@ -38,9 +38,10 @@ def add_engine_arguments(p):
     p.add_argument("--storage", default=None, choices=("checkpoint", "packed", "ram"),
                    help="slow tier the experts are read from (default: packed if the model folder is packed)")
     p.add_argument("--readers", type=int, default=None, help="reader threads (default 2)")
-    p.add_argument("--predictor", default=None, choices=("learned", "nextgate", "history", "none"),
-                   help="expert prediction that starts reads early (default: learned if the model folder has "
-                   "moe_predictor.safetensors, else nextgate; none: the reactive cache)")
+    p.add_argument("--predictor", default=None, choices=("pregate", "learned", "nextgate", "history", "none"),
+                   help="expert prediction that starts reads early (default: pregate if the checkpoint ships "
+                   "pre-gate heads, else learned if the model folder has moe_predictor.safetensors, else "
+                   "nextgate; none: the reactive cache)")
 
 
 def engine_options(args):
