@@ -54,3 +54,21 @@ def test_wrong_shape_and_last_layer_are_rejected(tmp_path):
         lowmoe.Engine.from_pretrained(last)
     with pytest.raises(lowmoe.InputError, match="pre_gate"):
         lowmoe.Engine.from_pretrained(expert_cache="25%", predictor="pregate")
+
+
+def test_train_predictor_fits_heads_into_a_copy(tmp_path, capsys):
+    from lowmoe.cli.__main__ import main as cli
+
+    copy = str(tmp_path / "copy")
+    before = sorted(os.listdir(lowmoe.DEFAULT_MODEL))
+    assert cli(["train-predictor", "--kind", "pregate", "--tokens", "200", "--write-into", copy]) == 0
+    assert sorted(os.listdir(lowmoe.DEFAULT_MODEL)) == before  # the original is untouched
+    with lowmoe.Engine.from_pretrained() as e:
+        ref = e.generate(PROMPT, 12, stop_at_eos=False).tokens
+    with lowmoe.Engine.from_pretrained(copy, expert_cache="25%") as e:
+        assert isinstance(e.model.predictor, PreGate)
+        gen = e.generate(PROMPT, 12, stop_at_eos=False)
+    assert gen.tokens == ref and gen.stats["topk_recall"] > 0.5
+    assert cli(["train-predictor", "--kind", "pregate", "--write-into", lowmoe.DEFAULT_MODEL]) == 2
+    assert cli(["train-predictor", "--kind", "pregate"]) == 2
+    capsys.readouterr()

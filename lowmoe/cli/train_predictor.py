@@ -15,6 +15,11 @@ def add_arguments(p):
     p.add_argument("--out", default=None, metavar="FILE",
                    help="output file (default: MODEL/moe_predictor.safetensors)")
     p.add_argument("--seed", type=int, default=0, help="seed for the self-sampled calibration text")
+    p.add_argument("--kind", choices=("learned", "pregate"), default="learned",
+                   help="learned: a predictor file beside the model; pregate: pre-gate heads written into a "
+                   "copy of the checkpoint (--write-into)")
+    p.add_argument("--write-into", default=None, metavar="MODEL_COPY",
+                   help="with --kind pregate: the copy to write the heads into (made from MODEL if absent)")
 
 
 class _Recorder:
@@ -74,6 +79,56 @@ def train(engine, rec):
     return layers
 
 
+def train_pregate(engine, rec):
+    """{MoE layer N: W f32[E, D]} pre-gate heads scoring the next MoE layer's experts from N's MoE
+    input, started at the next router; kept there where the fit does not predict the held-back
+    fifth of the tokens better."""
+    import numpy as np
+
+    from lowmoe.backend import cpu
+    from lowmoe.predict import learned, next_moe_layers
+
+    cfg, layers, heads = engine.config, engine.model.w.layers, {}
+    for n, nxt in next_moe_layers(cfg).items():
+        u = cpu.rms_norm(np.stack(rec.h[n]), layers[n].post_norm, cfg.rms_norm_eps)  # [T, D]
+        chosen = np.stack(rec.chosen[nxt])
+        s = len(u) * 4 // 5
+        w0, b0 = cpu.to_f32(layers[nxt].router.w, layers[nxt].router.dtype), np.zeros(cfg.num_experts, np.float32)
+        w, _ = learned.fit(u[:s], chosen[:s], w0, b0, bias=False)
+        better = learned.topk_recall(w, b0, u[s:], chosen[s:]) > learned.topk_recall(w0, b0, u[s:], chosen[s:])
+        heads[n] = w if better else w0
+    return heads
+
+
+def write_heads(model, copy, heads):
+    """Writes `heads` into `copy` (a copy of `model`, made if absent) as pre_gate.safetensors, and
+    lists them in the copy's shard index if it has one. The original is never touched."""
+    import json
+    import shutil
+
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from lowmoe.errors import InputError
+
+    if os.path.exists(copy) and os.path.realpath(copy) == os.path.realpath(model):
+        raise InputError(f"{copy}: --write-into must be a copy of the model, not the model itself")
+    if not os.path.exists(copy):
+        shutil.copytree(model, copy)
+    elif not os.path.isfile(os.path.join(copy, "config.json")):
+        raise InputError(f"{copy}: not a model folder (no config.json); give a copy of {model} or a new path")
+    names = {f"model.layers.{n}.mlp.pre_gate.weight": np.ascontiguousarray(w, np.float32) for n, w in heads.items()}
+    save_file(names, os.path.join(copy, "pre_gate.safetensors"))
+    index = os.path.join(copy, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as f:
+            data = json.load(f)
+        data["weight_map"].update({name: "pre_gate.safetensors" for name in names})
+        with open(index + ".tmp", "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2)
+        os.replace(index + ".tmp", index)
+
+
 def main(args):
     from lowmoe import DEFAULT_MODEL, Engine
     from lowmoe.errors import InputError
@@ -82,8 +137,10 @@ def main(args):
     model = args.model or DEFAULT_MODEL
     if args.tokens < 16:
         raise InputError(f"--tokens must be >= 16, got {args.tokens}")
-    out = args.out or os.path.join(model, FILENAME)
-    if args.out is None and not os.access(model, os.W_OK):
+    if (args.kind == "pregate") != (args.write_into is not None):
+        raise InputError("--kind pregate and --write-into MODEL_COPY go together")
+    out = args.write_into or args.out or os.path.join(model, FILENAME)
+    if args.kind == "learned" and args.out is None and not os.access(model, os.W_OK):
         raise InputError(f"{model}: folder is not writable; give --out FILE")
     t0 = time.perf_counter()
     with Engine.from_pretrained(model, expert_cache="100%", predictor="none") as engine:
@@ -97,8 +154,12 @@ def main(args):
         n = args.tokens if ids is None else len(ids)
         rec = record(engine, ids, n, args.seed)
         t1 = time.perf_counter()
-        layers = train(engine, rec)
-        save(out, engine.config, layers)
+        if args.kind == "pregate":
+            layers = train_pregate(engine, rec)
+            write_heads(model, out, layers)
+        else:
+            layers = train(engine, rec)
+            save(out, engine.config, layers)
     print(f"recorded {n} tokens in {t1 - t0:.1f}s, fitted {len(layers)} layers in "
           f"{time.perf_counter() - t1:.1f}s -> {out}", file=sys.stderr)
     return 0

@@ -37,12 +37,13 @@ def nextgate_init(cfg, dense, layer):
     return router.astype(np.float32), bias.astype(np.float32)
 
 
-def fit(u, chosen, w0, b0, steps=300, lr=0.01, l2=1e-3):
+def fit(u, chosen, w0, b0, steps=300, lr=0.01, l2=1e-3, bias=True):
     """Softmax regression from the next layer's choices, started at (w0, b0).
 
     u f32[N, D] normalised inputs; chosen int[N, k] the experts the next layer picked (the target
     puts 1/k on each); w0 f32[E, D], b0 f32[E]. Full-batch Adam on the cross-entropy plus
-    l2 * |W - w0|^2, which keeps the fit near its start where data is scarce. -> (W, b) f32.
+    l2 * |W - w0|^2, which keeps the fit near its start where data is scarce. bias=False keeps
+    b at b0 (pre-gate heads have no bias). -> (W, b) f32.
     """
     n, k = chosen.shape
     E = w0.shape[0]
@@ -58,7 +59,7 @@ def fit(u, chosen, w0, b0, steps=300, lr=0.01, l2=1e-3):
         p /= p.sum(axis=1, keepdims=True)
         d = (p - target) / n  # d loss / d z
         grads = [d.T @ u + 2 * l2 * (params[0] - w0), d.sum(axis=0)]
-        for i, g in enumerate(grads):
+        for i, g in enumerate(grads if bias else grads[:1]):
             m[i] = 0.9 * m[i] + 0.1 * g
             v[i] = 0.999 * v[i] + 0.001 * g * g
             params[i] -= lr * (m[i] / (1 - 0.9**t)) / (np.sqrt(v[i] / (1 - 0.999**t)) + 1e-8)
