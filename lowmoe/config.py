@@ -186,7 +186,7 @@ def parse_model_config(cfg, path="config.json"):
 
 
 STORAGE_KINDS = ("checkpoint", "packed", "ram")
-PREDICTORS = ("none", "nextgate", "history", "learned", "pregate")
+PREDICTORS = ("none", "nextgate", "history", "learned", "pregate", "oracle")
 # EngineConfig field -> environment variable; an option given to the API or CLI wins.
 ENV_VARS = {"expert_cache": "SHARPI_EXPERT_CACHE", "storage": "SHARPI_STORAGE", "readers": "SHARPI_READERS",
             "cpu_moe": "SHARPI_CPU_MOE", "predictor": "SHARPI_MOE_PREDICTOR"}
@@ -204,6 +204,7 @@ class EngineConfig:
     cpu_moe: bool = None  # experts computed on the CPU; None: decide automatically
     predictor: str = None  # hints for the expert cache: PREDICTORS; None: pregate if the checkpoint has
     # heads, else learned if fitted, else nextgate
+    oracle_trace: str = None  # the `--trace` file of an earlier run of the same input, for "oracle"
 
     @classmethod
     def from_options(cls, env=None, **options):
@@ -225,6 +226,9 @@ class EngineConfig:
             raise InputError(f"storage {c.storage!r}: expected one of {', '.join(STORAGE_KINDS)}")
         if c.predictor is not None and c.predictor not in PREDICTORS:
             raise InputError(f"predictor {c.predictor!r}: expected one of {', '.join(PREDICTORS)}")
+        if (c.predictor == "oracle") != (c.oracle_trace is not None):
+            raise InputError("predictor 'oracle' and oracle_trace (a trace file of an earlier run of the same "
+                             "input) go together")
         if c.readers < 1:
             raise InputError(f"readers must be >= 1, got {c.readers}")
         if c.cpu_moe is False:

@@ -16,6 +16,7 @@ from .predict.history import History
 from .predict.learned import FILENAME as LEARNED_FILE
 from .predict.learned import Learned
 from .predict.nextgate import NextGate
+from .predict.oracle import Oracle
 from .predict.pregate import PreGate, has_heads
 from .sampling import check_params, sample
 from .store import is_packed, open_store
@@ -43,12 +44,14 @@ def load_tokenizer(model_dir):
         raise ConfigError(f"{path}: cannot load tokenizer ({str(e).splitlines()[0]})") from None
 
 
-def make_predictor(name, cfg, dense, model_dir):
+def make_predictor(name, cfg, dense, model_dir, oracle_trace=None):
     """name None: "pregate" when the checkpoint ships pre-gate heads, else "learned" when the
     model folder has a fitted predictor file, else "nextgate"."""
     learned = os.path.join(model_dir, LEARNED_FILE)
     if name is None:
         name = "pregate" if has_heads(dense) else "learned" if os.path.isfile(learned) else "nextgate"
+    if name == "oracle":
+        return Oracle.from_trace(cfg, oracle_trace)
     if name == "pregate":
         if not has_heads(dense):
             raise InputError(f"predictor 'pregate': {model_dir} has no model.layers.N.mlp.pre_gate.weight tensors")
@@ -78,7 +81,9 @@ class Engine:
         "25%", "min"; default: every expert resident), storage ("checkpoint", "packed", "ram"),
         predictor ("pregate", "learned", "nextgate", "history", "none"; default: pregate if the
         checkpoint ships pre-gate heads, else learned if the model folder has
-        moe_predictor.safetensors, else nextgate), readers, read_timeout_s, cpu_moe."""
+        moe_predictor.safetensors, else nextgate; "oracle" with oracle_trace, the `--trace` file of
+        an earlier run of the same input: perfect hints, for benchmarks), readers, read_timeout_s,
+        cpu_moe."""
         options = EngineConfig.from_options(device=device, **options)
         path = os.fspath(path)
         cfg = load_model_config(path)
@@ -92,7 +97,7 @@ class Engine:
         else:
             plan = plan_cache(options.expert_cache, cfg, store.layout.block)
             experts = OffloadedExperts(store, cfg, plan, options.readers, options.read_timeout_s)
-            predictor = make_predictor(options.predictor, cfg, dense, path)
+            predictor = make_predictor(options.predictor, cfg, dense, path, options.oracle_trace)
         return cls(path, cfg, options, Model(cfg, dense, experts, predictor), load_tokenizer(path))
 
     def close(self):

@@ -93,3 +93,21 @@ def test_recall_and_prefetch_stats_match_a_recount():
     assert per_layer[e.config.moe_layers[0]]["topk_recall"] == 0.0  # nothing predicts the first layer
     used = stats["hits"] + stats["prefetched"] + stats["misses"]
     assert stats["prefetch_hit_rate"] == pytest.approx(stats["prefetched"] / used)
+
+
+def test_oracle_replays_a_trace_with_perfect_recall(tmp_path, capsys):
+    import json
+
+    from lowmoe.cli.__main__ import main as cli
+
+    trace = str(tmp_path / "run.jsonl")
+    args = ["decode", "--prompt-ids", "5,17,300,42", "--max-new-tokens", "10", "--expert-cache", "25%", "--json"]
+    assert cli(args + ["--trace", trace]) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert cli(args + ["--predictor", "oracle", "--oracle-trace", trace]) == 0
+    oracle = json.loads(capsys.readouterr().out)
+    assert oracle["tokens"] == first["tokens"]
+    assert oracle["topk_recall"] == 1.0
+    assert all(s["topk_recall"] == 1.0 for s in oracle["per_layer"][1:])
+    assert cli(args + ["--predictor", "oracle"]) == 2
+    assert "oracle_trace" in capsys.readouterr().err

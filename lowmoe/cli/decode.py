@@ -38,15 +38,19 @@ def add_engine_arguments(p):
     p.add_argument("--storage", default=None, choices=("checkpoint", "packed", "ram"),
                    help="slow tier the experts are read from (default: packed if the model folder is packed)")
     p.add_argument("--readers", type=int, default=None, help="reader threads (default 2)")
-    p.add_argument("--predictor", default=None, choices=("pregate", "learned", "nextgate", "history", "none"),
+    p.add_argument("--predictor", default=None,
+                   choices=("pregate", "learned", "nextgate", "history", "oracle", "none"),
                    help="expert prediction that starts reads early (default: pregate if the checkpoint ships "
                    "pre-gate heads, else learned if the model folder has moe_predictor.safetensors, else "
-                   "nextgate; none: the reactive cache)")
+                   "nextgate; none: the reactive cache; oracle: replays --oracle-trace)")
+    p.add_argument("--oracle-trace", default=None, metavar="FILE",
+                   help="for --predictor oracle: the --trace file of an earlier run of the same input "
+                   "(perfect hints, the ceiling for benchmarks)")
 
 
 def engine_options(args):
     return {"expert_cache": args.expert_cache, "storage": args.storage, "readers": args.readers,
-            "predictor": args.predictor}
+            "predictor": args.predictor, "oracle_trace": args.oracle_trace}
 
 
 def _prompt_ids(engine, args):

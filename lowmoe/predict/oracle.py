@@ -28,6 +28,17 @@ class Oracle:
         self.routes = routes
         self.step = -1
 
+    @classmethod
+    def from_trace(cls, cfg, path):
+        """The routing recorded in a `lowmoe decode --trace` file (see trace.py)."""
+        from ..trace import read_trace
+
+        _, events = read_trace(path)
+        routes = {}
+        for ev in events:
+            routes.setdefault(ev.token, {})[ev.layer] = ev.chosen
+        return cls(cfg, [routes[t] for t in sorted(routes)])
+
     def predict(self, layer, h, chosen):
         if layer == self.first:
             self.step += 1
