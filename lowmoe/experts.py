@@ -140,12 +140,14 @@ class OffloadedExperts:
 
     def reset_stats(self):
         self.layer_stats = {layer: LayerStats() for layer in self.cfg.moe_layers}
+        self.uses = {layer: np.zeros(self.cfg.num_experts, np.int64) for layer in self.cfg.moe_layers}
         self.reader.bytes_read = 0
 
     def forward(self, layer, u, idx, w):
         if self.broken is not None:
             raise StorageError(f"an earlier expert read timed out ({self.broken}); reload the engine")
         rows = _token_rows(idx)
+        np.add.at(self.uses[layer], idx.reshape(-1), 1)
         st = self.layer_stats[layer]
         before = LayerStats()
         before.add(st)

@@ -84,3 +84,16 @@ def test_trace_needs_an_expert_cache(monkeypatch, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--expert-cache" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "t.jsonl").exists()
+
+
+def test_expert_stats_file(tmp_path, monkeypatch, capsys):
+    path = tmp_path / "stats.json"
+    monkeypatch.setenv("SHARPI_EXPERT_STATS", str(path))
+    assert cli(["decode", "--prompt-ids", "5,6,7", "--max-new-tokens", "6", "--expert-cache", "25%", "--json"]) == 0
+    run = json.loads(capsys.readouterr().out)
+    data = json.loads(path.read_text())
+    assert data["per_layer"] == run["per_layer"]
+    for layer, top in data["hottest_experts"].items():
+        uses = [n for _, n in top]
+        assert uses == sorted(uses, reverse=True) and sum(uses) <= 5 * 4  # 5 decode steps x top-4
+        assert sum(uses) == 5 * 4 or len(top) == 8

@@ -142,6 +142,9 @@ def main(args):
     finally:
         if sink is not None:
             sink.close()
+    stats_path = os.environ.get("SHARPI_EXPERT_STATS", "")
+    if stats_path and engine.options.expert_cache is not None:
+        _write_expert_stats(engine, stats_path)
     if summary is not None:
         from rich.console import Console
 
@@ -149,6 +152,22 @@ def main(args):
 
         Console(stderr=True).print(summary_table(summary.rows()))
     return 0
+
+
+def _write_expert_stats(engine, path):
+    """SHARPI_EXPERT_STATS=PATH: per-layer hit rates and the hottest experts of the decode steps."""
+    from lowmoe.errors import InputError
+
+    experts = engine.model.experts
+    hottest = {str(layer): [[int(e), int(uses[e])] for e in uses.argsort(kind="stable")[::-1][:8] if uses[e]]
+               for layer, uses in experts.uses.items()}
+    out = {"model": engine.model_dir, "expert_cache": engine.options.expert_cache,
+           "per_layer": experts.stats()["per_layer"], "hottest_experts": hottest}
+    try:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(out, f, indent=1)
+    except OSError as e:
+        raise InputError(f"{path}: cannot write SHARPI_EXPERT_STATS ({e.strerror})") from None
 
 
 def _run_live(engine, ids, args, dashboard):
