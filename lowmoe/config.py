@@ -189,7 +189,7 @@ STORAGE_KINDS = ("checkpoint", "packed", "ram")
 PREDICTORS = ("none", "nextgate", "history", "learned", "pregate", "oracle")
 # EngineConfig field -> environment variable; an option given to the API or CLI wins.
 ENV_VARS = {"expert_cache": "SHARPI_EXPERT_CACHE", "storage": "SHARPI_STORAGE", "readers": "SHARPI_READERS",
-            "cpu_moe": "SHARPI_CPU_MOE", "predictor": "SHARPI_MOE_PREDICTOR"}
+            "cpu_moe": "SHARPI_CPU_MOE", "predictor": "SHARPI_MOE_PREDICTOR", "lookahead": "SHARPI_MOE_LOOKAHEAD"}
 
 
 @dataclass(frozen=True)
@@ -205,6 +205,7 @@ class EngineConfig:
     predictor: str = None  # hints for the expert cache: PREDICTORS; None: pregate if the checkpoint has
     # heads, else learned if fitted, else nextgate
     oracle_trace: str = None  # the `--trace` file of an earlier run of the same input, for "oracle"
+    lookahead: int = 1  # MoE layers ahead that hints cover (1 or 2)
 
     @classmethod
     def from_options(cls, env=None, **options):
@@ -229,6 +230,8 @@ class EngineConfig:
         if (c.predictor == "oracle") != (c.oracle_trace is not None):
             raise InputError("predictor 'oracle' and oracle_trace (a trace file of an earlier run of the same "
                              "input) go together")
+        if c.lookahead not in (1, 2):
+            raise InputError(f"lookahead must be 1 or 2, got {c.lookahead}")
         if c.readers < 1:
             raise InputError(f"readers must be >= 1, got {c.readers}")
         if c.cpu_moe is False:
@@ -242,7 +245,7 @@ def _from_env(name, var, text):
         if text not in ("0", "1"):
             raise InputError(f"{var}={text!r}: expected 0 or 1")
         return text == "1"
-    if name == "readers":
+    if name in ("readers", "lookahead"):
         try:
             return int(text)
         except ValueError:

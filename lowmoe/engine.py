@@ -44,14 +44,14 @@ def load_tokenizer(model_dir):
         raise ConfigError(f"{path}: cannot load tokenizer ({str(e).splitlines()[0]})") from None
 
 
-def make_predictor(name, cfg, dense, model_dir, oracle_trace=None):
+def make_predictor(name, cfg, dense, model_dir, oracle_trace=None, lookahead=1):
     """name None: "pregate" when the checkpoint ships pre-gate heads, else "learned" when the
     model folder has a fitted predictor file, else "nextgate"."""
     learned = os.path.join(model_dir, LEARNED_FILE)
     if name is None:
         name = "pregate" if has_heads(dense) else "learned" if os.path.isfile(learned) else "nextgate"
     if name == "oracle":
-        return Oracle.from_trace(cfg, oracle_trace)
+        return Oracle.from_trace(cfg, oracle_trace, lookahead)
     if name == "pregate":
         if not has_heads(dense):
             raise InputError(f"predictor 'pregate': {model_dir} has no model.layers.N.mlp.pre_gate.weight tensors")
@@ -61,7 +61,7 @@ def make_predictor(name, cfg, dense, model_dir, oracle_trace=None):
             raise InputError(f"predictor 'learned': {learned} not found; run `lowmoe train-predictor {model_dir}`")
         return Learned(cfg, learned)
     if name == "nextgate":
-        return NextGate(cfg, dense)
+        return NextGate(cfg, dense, lookahead)
     if name == "history":
         return History(cfg)
     return None
@@ -82,8 +82,8 @@ class Engine:
         predictor ("pregate", "learned", "nextgate", "history", "none"; default: pregate if the
         checkpoint ships pre-gate heads, else learned if the model folder has
         moe_predictor.safetensors, else nextgate; "oracle" with oracle_trace, the `--trace` file of
-        an earlier run of the same input: perfect hints, for benchmarks), readers, read_timeout_s,
-        cpu_moe."""
+        an earlier run of the same input: perfect hints, for benchmarks), lookahead (1 or 2 MoE
+        layers; nextgate and oracle look 2 ahead, the others 1), readers, read_timeout_s, cpu_moe."""
         options = EngineConfig.from_options(device=device, **options)
         path = os.fspath(path)
         cfg = load_model_config(path)
@@ -95,9 +95,10 @@ class Engine:
             experts = ResidentExperts(store, cfg)
             store.close()
         else:
-            plan = plan_cache(options.expert_cache, cfg, store.layout.block)
+            # Staging slots: one layer's top-k for each layer of lookahead.
+            plan = plan_cache(options.expert_cache, cfg, store.layout.block, cfg.top_k * options.lookahead)
             experts = OffloadedExperts(store, cfg, plan, options.readers, options.read_timeout_s)
-            predictor = make_predictor(options.predictor, cfg, dense, path, options.oracle_trace)
+            predictor = make_predictor(options.predictor, cfg, dense, path, options.oracle_trace, options.lookahead)
         return cls(path, cfg, options, Model(cfg, dense, experts, predictor), load_tokenizer(path))
 
     def close(self):

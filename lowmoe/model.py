@@ -113,9 +113,8 @@ class Model:
         idx, w = cpu.router_topk(_linear(u, layer.router), self.cfg.top_k, self.cfg.norm_topk_prob)
         if self.predictor is not None and len(u) == 1:
             # Start reads for the next MoE layer before this layer computes its experts.
-            hint = self.predictor.predict(i, h, idx[0])
-            if hint is not None:
-                self.experts.hint(*hint)
+            for later, ranked in self.predictor.predict(i, h, idx[0]):
+                self.experts.hint(later, ranked)
         out = self.experts.forward(i, u, idx, w)
         if layer.shared is not None:
             gate = 1.0 / (1.0 + np.exp(-_linear(u, layer.shared_gate)))  # [T, 1]

@@ -24,14 +24,16 @@ class Wrong:
         self.inner = engine.model.predictor
 
     def predict(self, layer, h, chosen):
-        p = self.inner.predict(layer, h, chosen)
-        return None if p is None else (p[0], p[1][::-1])
+        return [(later, ranked[::-1]) for later, ranked in self.inner.predict(layer, h, chosen)]
 
 
+@pytest.mark.parametrize("lookahead", [1, 2])
 @pytest.mark.parametrize("budget", ["min", "25%"])
 @pytest.mark.parametrize("predictor", ["none", "nextgate", "history", "wrong"])
-def test_output_identical_for_every_predictor(predictor, budget, reference):
-    with lowmoe.Engine.from_pretrained(expert_cache=budget, predictor="nextgate" if predictor == "wrong" else predictor) as e:
+def test_output_identical_for_every_predictor(predictor, budget, lookahead, reference):
+    with lowmoe.Engine.from_pretrained(expert_cache=budget, lookahead=lookahead,
+                                       predictor="nextgate" if predictor == "wrong" else predictor) as e:
+        assert e.model.experts.plan.staging == 4 * lookahead
         if predictor == "wrong":
             e.model.predictor = Wrong(e)
         gen = e.generate(PROMPT, NEW, stop_at_eos=False)
@@ -67,10 +69,10 @@ def test_recall_and_prefetch_stats_match_a_recount():
         inner_predict, inner_forward = e.model.predictor.predict, e.model.experts.forward
 
         def predict(layer, h, c):
-            p = inner_predict(layer, h, c)
-            if p is not None:
-                predicted.setdefault(p[0], []).append(p[1])
-            return p
+            hints = inner_predict(layer, h, c)
+            for later, ranked in hints:
+                predicted.setdefault(later, []).append(ranked)
+            return hints
 
         def forward(layer, u, idx, w):
             if len(u) == 1:
@@ -111,3 +113,13 @@ def test_oracle_replays_a_trace_with_perfect_recall(tmp_path, capsys):
     assert all(s["topk_recall"] == 1.0 for s in oracle["per_layer"][1:])
     assert cli(args + ["--predictor", "oracle"]) == 2
     assert "oracle_trace" in capsys.readouterr().err
+
+
+def test_lookahead_two_hints_two_layers_ahead(reference):
+    with lowmoe.Engine.from_pretrained(expert_cache="25%", predictor="nextgate", lookahead=2) as e:
+        layers = e.config.moe_layers
+        hints = e.model.predictor.predict(layers[0], np.ones((1, e.config.hidden_size), np.float32), None)
+        assert [h[0] for h in hints] == layers[1:3]
+        assert e.model.predictor.predict(layers[-2], np.ones((1, e.config.hidden_size), np.float32), None)[0][0] == layers[-1]
+        gen = e.generate(PROMPT, NEW, stop_at_eos=False)
+    assert gen.tokens == reference[0] and gen.stats["prefetched"] > 0

@@ -43,6 +43,8 @@ def add_engine_arguments(p):
                    help="expert prediction that starts reads early (default: pregate if the checkpoint ships "
                    "pre-gate heads, else learned if the model folder has moe_predictor.safetensors, else "
                    "nextgate; none: the reactive cache; oracle: replays --oracle-trace)")
+    p.add_argument("--lookahead", type=int, default=None, choices=(1, 2),
+                   help="MoE layers ahead that hints cover (default 1; nextgate and oracle can look 2 ahead)")
     p.add_argument("--oracle-trace", default=None, metavar="FILE",
                    help="for --predictor oracle: the --trace file of an earlier run of the same input "
                    "(perfect hints, the ceiling for benchmarks)")
@@ -50,7 +52,7 @@ def add_engine_arguments(p):
 
 def engine_options(args):
     return {"expert_cache": args.expert_cache, "storage": args.storage, "readers": args.readers,
-            "predictor": args.predictor, "oracle_trace": args.oracle_trace}
+            "predictor": args.predictor, "oracle_trace": args.oracle_trace, "lookahead": args.lookahead}
 
 
 def _prompt_ids(engine, args):

@@ -32,7 +32,7 @@ class _Recorder:
     def predict(self, layer, h, chosen):
         self.h.setdefault(layer, []).append(h[0].copy())
         self.chosen.setdefault(layer, []).append(chosen.copy())
-        return None
+        return []
 
 
 def record(engine, ids, n, seed):

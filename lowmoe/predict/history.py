@@ -21,5 +21,5 @@ class History:
         self.last[layer] = chosen
         nxt = self.next.get(layer)
         if nxt is None:
-            return None
-        return nxt, np.argsort(-self.counts[layer][chosen].sum(0), kind="stable")
+            return []
+        return [(nxt, np.argsort(-self.counts[layer][chosen].sum(0), kind="stable"))]

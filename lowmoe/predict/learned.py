@@ -126,8 +126,8 @@ class Learned:
     def predict(self, layer, h, chosen):
         nxt = self.next.get(layer)
         if nxt is None:
-            return None
+            return []
         w, b = self.layers[layer]
         logits = np.empty((1, w.shape[0]), np.float32)
         cpu.linear(normalise(h, self.eps), w, "f32", logits)
-        return nxt, np.argsort(-(logits[0] + b), kind="stable")
+        return [(nxt, np.argsort(-(logits[0] + b), kind="stable"))]

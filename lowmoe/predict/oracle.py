@@ -17,19 +17,19 @@ class Recorder:
         if layer == self.first:
             self.routes.append({})
         self.routes[-1][layer] = chosen.copy()
-        return None
+        return []
 
 
 class Oracle:
-    def __init__(self, cfg, routes):
-        self.next = next_moe_layers(cfg)
+    def __init__(self, cfg, routes, lookahead=1):
+        self.ahead = [next_moe_layers(cfg, d) for d in range(1, lookahead + 1)]
         self.first = cfg.moe_layers[0]
         self.experts = cfg.num_experts
         self.routes = routes
         self.step = -1
 
     @classmethod
-    def from_trace(cls, cfg, path):
+    def from_trace(cls, cfg, path, lookahead=1):
         """The routing recorded in a `lowmoe decode --trace` file (see trace.py)."""
         from ..trace import read_trace
 
@@ -37,13 +37,16 @@ class Oracle:
         routes = {}
         for ev in events:
             routes.setdefault(ev.token, {})[ev.layer] = ev.chosen
-        return cls(cfg, [routes[t] for t in sorted(routes)])
+        return cls(cfg, [routes[t] for t in sorted(routes)], lookahead)
 
     def predict(self, layer, h, chosen):
         if layer == self.first:
             self.step += 1
-        nxt = self.next.get(layer)
-        if nxt is None or self.step >= len(self.routes):
-            return None
-        true = [int(e) for e in self.routes[self.step][nxt]]
-        return nxt, np.array(true + [e for e in range(self.experts) if e not in true])
+        hints = []
+        for later in self.ahead:
+            target = later.get(layer)
+            if target is None or self.step >= len(self.routes):
+                break
+            true = [int(e) for e in self.routes[self.step][target]]
+            hints.append((target, np.array(true + [e for e in range(self.experts) if e not in true])))
+        return hints

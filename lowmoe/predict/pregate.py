@@ -22,8 +22,8 @@ class PreGate:
     def predict(self, layer, h, chosen):
         head = self.layers[layer].pre_gate
         if head is None:
-            return None
+            return []
         u = cpu.rms_norm(h, self.layers[layer].post_norm, self.cfg.rms_norm_eps)  # [1, D]
         logits = np.empty((1, head.w.shape[0]), np.float32)
         cpu.linear(u, head.w, head.dtype, logits)
-        return self.next[layer], np.argsort(-logits[0], kind="stable")
+        return [(self.next[layer], np.argsort(-logits[0], kind="stable"))]
