@@ -71,8 +71,10 @@ def test_trained_file_is_default_and_changes_no_output(tmp_path):
     assert (model / learned.FILENAME).is_file()
     with lowmoe.Engine.from_pretrained(model) as e:
         reference = e.generate(PROMPT, 16, stop_at_eos=False).tokens
-    with lowmoe.Engine.from_pretrained(model, expert_cache="25%") as e:
-        assert isinstance(e.model.predictor, learned.Learned)
-        gen = e.generate(PROMPT, 16, stop_at_eos=False)
-    assert gen.tokens == reference
-    assert gen.stats["prefetched"] > 0
+    for budget in ("min", "25%"):
+        for lookahead in (1, 2):
+            with lowmoe.Engine.from_pretrained(model, expert_cache=budget, lookahead=lookahead) as e:
+                assert isinstance(e.model.predictor, learned.Learned)
+                gen = e.generate(PROMPT, 16, stop_at_eos=False)
+            assert gen.tokens == reference
+            assert gen.stats["prefetched"] > 0

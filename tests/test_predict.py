@@ -106,6 +106,9 @@ def test_oracle_replays_a_trace_with_perfect_recall(tmp_path, capsys):
     args = ["decode", "--prompt-ids", "5,17,300,42", "--max-new-tokens", "10", "--expert-cache", "25%", "--json"]
     assert cli(args + ["--trace", trace]) == 0
     first = json.loads(capsys.readouterr().out)
+    for extra in (["--lookahead", "2"], ["--expert-cache", "min"], ["--expert-cache", "min", "--lookahead", "2"]):
+        assert cli(args + ["--predictor", "oracle", "--oracle-trace", trace] + extra) == 0
+        assert json.loads(capsys.readouterr().out)["tokens"] == first["tokens"]
     assert cli(args + ["--predictor", "oracle", "--oracle-trace", trace]) == 0
     oracle = json.loads(capsys.readouterr().out)
     assert oracle["tokens"] == first["tokens"]
