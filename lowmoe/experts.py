@@ -149,8 +149,10 @@ class OffloadedExperts:
         rows = _token_rows(idx)
         np.add.at(self.uses[layer], idx.reshape(-1), 1)
         st = self.layer_stats[layer]
-        before = LayerStats()
-        before.add(st)
+        tracing = self.on_event is not None and idx.shape[0] == 1
+        if tracing:  # counters before this layer, for the event's deltas; not paid without a trace
+            before = LayerStats()
+            before.add(st)
         ranked = self.predicted.pop(layer, None)
         if ranked is not None and idx.shape[0] == 1:
             k = self.cfg.top_k
@@ -169,7 +171,7 @@ class OffloadedExperts:
                 self.releasing[key] = self.staged.pop(key)
                 st.wasted_bytes += 3 * self.slab.layout.part
             self._sweep()
-        if self.on_event is not None and idx.shape[0] == 1:
+        if tracing:
             k = self.cfg.top_k
             self.on_event(LayerEvent(
                 self.token, layer, sorted(rows), [] if ranked is None else [int(e) for e in ranked[:k]],
