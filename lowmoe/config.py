@@ -185,6 +185,7 @@ def parse_model_config(cfg, path="config.json"):
     )
 
 
+DEVICES = ("cpu", "cuda")
 STORAGE_KINDS = ("checkpoint", "packed", "ram")
 PREDICTORS = ("none", "nextgate", "history", "learned", "pregate", "oracle")
 # EngineConfig field -> environment variable; an option given to the API or CLI wins.
@@ -196,12 +197,12 @@ ENV_VARS = {"expert_cache": "SHARPI_EXPERT_CACHE", "storage": "SHARPI_STORAGE", 
 class EngineConfig:
     """Run-time options. CLI flags and SHARPI_* variables map onto these fields."""
 
-    device: str = "cpu"
+    device: str = "cpu"  # DEVICES; "cuda": the whole model on the GPU (backend/cuda_model.py)
     expert_cache: str = None  # budget ("1.5GiB", "25%", "min"); None: every expert resident
     storage: str = None  # slow tier: "checkpoint", "packed", "ram"; None: packed if the folder is, else checkpoint
     readers: int = 2  # reader threads
     read_timeout_s: float = 30.0
-    cpu_moe: bool = None  # experts computed on the CPU; None: decide automatically
+    cpu_moe: bool = None  # experts computed on the CPU; None: where the device is (cpu: CPU, cuda: GPU)
     predictor: str = None  # hints for the expert cache: PREDICTORS; None: pregate if the checkpoint has
     # heads, else learned if fitted, else nextgate
     oracle_trace: str = None  # the `--trace` file of an earlier run of the same input, for "oracle"
@@ -221,8 +222,8 @@ class EngineConfig:
         if "predictor" not in options and env.get("SHARPI_MOE_PREDICT_PREFETCH") == "0":
             values["predictor"] = "none"
         c = cls(**values)
-        if c.device != "cpu":
-            raise InputError(f"device {c.device!r} is not available yet; use device='cpu'")
+        if c.device not in DEVICES:
+            raise InputError(f"device {c.device!r}: expected one of {', '.join(DEVICES)}")
         if c.storage is not None and c.storage not in STORAGE_KINDS:
             raise InputError(f"storage {c.storage!r}: expected one of {', '.join(STORAGE_KINDS)}")
         if c.predictor is not None and c.predictor not in PREDICTORS:
@@ -234,9 +235,15 @@ class EngineConfig:
             raise InputError(f"lookahead must be 1 or 2, got {c.lookahead}")
         if c.readers < 1:
             raise InputError(f"readers must be >= 1, got {c.readers}")
-        if c.cpu_moe is False:
-            raise InputError("SHARPI_CPU_MOE=0 asks for the GPU expert path, which does not exist yet; "
-                             "unset it or set 1 (experts on the CPU)")
+        if c.device == "cuda" and c.expert_cache is not None:
+            raise InputError("device 'cuda' keeps every expert on the GPU: an expert cache budget is not available "
+                             "there yet (drop --expert-cache / SHARPI_EXPERT_CACHE, or use device 'cpu')")
+        if c.device == "cuda" and c.cpu_moe:
+            raise InputError("SHARPI_CPU_MOE=1 (experts on the CPU) with device 'cuda' is not available yet; "
+                             "unset it or set 0")
+        if c.device == "cpu" and c.cpu_moe is False:
+            raise InputError("SHARPI_CPU_MOE=0 asks for the GPU expert path: use device 'cuda' (--device cuda), "
+                             "or unset it / set 1 (experts on the CPU)")
         return c
 
 

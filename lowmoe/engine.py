@@ -83,13 +83,24 @@ class Engine:
         checkpoint ships pre-gate heads, else learned if the model folder has
         moe_predictor.safetensors, else nextgate; "oracle" with oracle_trace, the `--trace` file of
         an earlier run of the same input: perfect hints, for benchmarks), lookahead (1 or 2 MoE
-        layers; nextgate and oracle look 2 ahead, the others 1), readers, read_timeout_s, cpu_moe."""
+        layers; nextgate and oracle look 2 ahead, the others 1), readers, read_timeout_s, cpu_moe.
+        device "cuda" runs the whole model on the GPU (CuPy; every expert resident there)."""
         options = EngineConfig.from_options(device=device, **options)
+        if options.device == "cuda":
+            from .backend import cuda
+
+            cuda.cupy()  # DeviceError before loading anything when no GPU is usable
         path = os.fspath(path)
         cfg = load_model_config(path)
         ckpt = Checkpoint(path)
         dense = load_dense(ckpt, cfg)
         store = open_store(options.storage or ("packed" if is_packed(path) else "checkpoint"), path, ckpt, cfg)
+        if options.device == "cuda":
+            from .backend.cuda_model import CudaModel
+
+            model = CudaModel(cfg, dense, store)
+            store.close()
+            return cls(path, cfg, options, model, load_tokenizer(path))
         predictor = None
         if options.expert_cache is None:
             experts = ResidentExperts(store, cfg)
@@ -110,6 +121,13 @@ class Engine:
 
     def __exit__(self, *exc):
         self.close()
+
+    def _kv_cache(self, capacity):
+        if self.options.device == "cuda":
+            from .backend.cuda_model import DeviceKVCache
+
+            return DeviceKVCache(self.config, capacity)
+        return KVCache(self.config, capacity)
 
     def encode(self, text):
         if self.tokenizer is None:
@@ -136,7 +154,7 @@ class Engine:
     def logits(self, token_ids):
         """Full-sequence logits f32[T, vocab] for the given ids, from an empty context."""
         ids = self._check_ids(token_ids)
-        return self.model.forward(ids, KVCache(self.config, len(ids)), all_logits=True)
+        return self.model.forward(ids, self._kv_cache(len(ids)), all_logits=True)
 
     def stream(self, token_ids, max_new_tokens, temperature=0.0, top_p=1.0, top_k=0, seed=None,
                stop_at_eos=True, stats=None):
@@ -147,7 +165,7 @@ class Engine:
         if max_new_tokens < 0:
             raise InputError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         rng = np.random.default_rng(seed)
-        kv = KVCache(self.config, len(ids) + max_new_tokens)
+        kv = self._kv_cache(len(ids) + max_new_tokens)
         stats = {} if stats is None else stats
         t0 = time.perf_counter()
         logits = self.model.forward(ids, kv)

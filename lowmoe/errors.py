@@ -19,3 +19,7 @@ class InputError(LowmoeError):
 
 class StorageError(LowmoeError):
     """Reading an expert from the slow tier failed twice or did not finish in time."""
+
+
+class DeviceError(LowmoeError):
+    """device='cuda' asked for and no usable GPU (no CuPy, no device, too little memory)."""

@@ -32,6 +32,8 @@ def add_arguments(p):
 
 def add_engine_arguments(p):
     """Flags that map onto EngineConfig (each overrides its SHARPI_* variable)."""
+    p.add_argument("--device", default=None, choices=("cpu", "cuda"),
+                   help="cpu (default) or cuda: the whole model on the GPU, every expert resident (needs CuPy)")
     p.add_argument("--expert-cache", default=None, metavar="BUDGET",
                    help="expert cache budget: bytes (1.5GiB, 300MB), a share of the experts (25%%) or 'min'; "
                    "default: every expert resident")
@@ -51,7 +53,7 @@ def add_engine_arguments(p):
 
 
 def engine_options(args):
-    return {"expert_cache": args.expert_cache, "storage": args.storage, "readers": args.readers,
+    return {"device": args.device, "expert_cache": args.expert_cache, "storage": args.storage, "readers": args.readers,
             "predictor": args.predictor, "oracle_trace": args.oracle_trace, "lookahead": args.lookahead}
 
 

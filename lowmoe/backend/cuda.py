@@ -1,0 +1,208 @@
+"""CuPy GPU kernels: the CPU backend's operations on device arrays, from the CUDA sources in native/.
+
+Each native/<file>.cu is compiled once, on first use, by `cupy.RawModule` (NVRTC) and cached here
+(CuPy also keeps the binary on disk). The source is prefixed with `#line 1 "native/<file>.cu"` so
+that compiler errors name the .cu file and line; `#include "common.cuh"` is replaced by that
+header's text (with its own #line), which keeps CuPy's on-disk cache keyed on everything compiled.
+
+All activations are float32 C-contiguous CuPy arrays; weights are float32, or float16 / bfloat16
+bits as uint16 (as on the CPU). Every function only enqueues kernels on the current stream: none
+waits for the GPU. CuPy is imported on first use, so this module imports without it (the tests read
+KERNELS on machines without a GPU).
+"""
+
+import math
+import os
+
+import numpy as np
+
+from ..errors import DeviceError
+
+NATIVE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "native")
+HEADER = "common.cuh"
+
+# The entry points Python launches, per source file. tests/test_native.py checks that each exists in
+# the compiled module and that no `extern "C" __global__` in native/ is missing from here.
+_DT = ("f32", "f16", "bf16")
+KERNELS = {
+    "embed.cu": tuple(f"embed_{d}" for d in _DT),
+    "linear.cu": tuple(f"linear_{d}" for d in _DT),
+    "norm.cu": ("rms_norm_f32",),
+    "rope.cu": ("rope_f32",),
+    "attention.cu": ("attn_split_f32", "attn_combine_f32"),
+    "router.cu": ("router_topk_f32",),
+    "expert_gemv.cu": tuple(f"moe_{op}_{d}" for op in ("gate_up", "down") for d in _DT),
+    "expert_gemm.cu": ("moe_sort_i32", "moe_combine_f32") + tuple(f"moe_group_{op}_{d}" for op in ("gate_up", "down") for d in _DT),
+}
+
+# Weight dtype name -> the element dtype of the arrays passed in.
+_WDTYPE = {"f32": np.dtype(np.float32), "f16": np.dtype(np.uint16), "bf16": np.dtype(np.uint16)}
+
+# Fill scratch buffers with NaN (ints with -1) instead of leaving them uninitialised, so that an
+# element a kernel forgets to write shows up in its result. For tools/gpu_check.py.
+POISON = False
+
+_cupy = None
+_modules = {}  # file name -> compiled RawModule
+_functions = {}  # (file name, entry point) -> its kernel
+_sms = None
+
+
+def cupy():
+    """The cupy module once a GPU is known to be usable; DeviceError (one line) otherwise."""
+    global _cupy
+    if _cupy is None:
+        try:
+            import cupy
+        except ImportError:
+            raise DeviceError("device 'cuda' needs CuPy: pip install -e '.[cuda13]' (or '.[cuda12]' for a "
+                              "CUDA 12 driver)") from None
+        try:
+            n = cupy.cuda.runtime.getDeviceCount()
+        except cupy.cuda.runtime.CUDARuntimeError as e:
+            raise DeviceError(f"device 'cuda': CuPy cannot use a GPU ({e})") from None
+        if n == 0:
+            raise DeviceError("device 'cuda': CuPy finds no GPU")
+        if not os.path.isfile(os.path.join(NATIVE, HEADER)):
+            raise DeviceError(f"device 'cuda': the CUDA sources are not in {NATIVE}; install lowmoe from a "
+                              "source checkout (pip install -e '.[cuda13]')")
+        _cupy = cupy
+    return _cupy
+
+
+def source(name):
+    """The text compiled for native/<name>: the shared header inlined, #line directives kept exact."""
+    with open(os.path.join(NATIVE, HEADER), encoding="utf-8") as f:
+        header = f.read()
+    with open(os.path.join(NATIVE, name), encoding="utf-8") as f:
+        body = f.read()
+    include = f'#include "{HEADER}"'
+    if include not in body:
+        return f'#line 1 "native/{name}"\n{body}'
+    # Same line count: the include line becomes empty, so line numbers in errors stay right.
+    return (f'#line 1 "native/{HEADER}"\n{header}\n#line 1 "native/{name}"\n'
+            + body.replace(include, "", 1))
+
+
+def kernel(name, fn):
+    """The compiled entry point `fn` of native/<name>, compiling the file on first use."""
+    f = _functions.get((name, fn))
+    if f is not None:
+        return f
+    module = _modules.get(name)
+    if module is None:
+        cp = cupy()
+        try:
+            module = cp.RawModule(code=source(name), options=("-std=c++17",))
+            module.compile()
+        except cp.cuda.compiler.CompileException as e:
+            raise RuntimeError(f"native/{name} does not compile:\n{e.get_message()}") from None
+        _modules[name] = module
+    f = _functions[(name, fn)] = module.get_function(fn)
+    return f
+
+
+def _launch(name, fn, grid, block, args, shared_mem=0):
+    kernel(name, fn)(grid, (block,), args, shared_mem=shared_mem)
+
+
+def buffer(shape, dtype=np.float32):
+    """Scratch space on the device (NaN- or -1-filled when POISON)."""
+    cp = cupy()
+    if not POISON:
+        return cp.empty(shape, dtype)
+    return cp.full(shape, np.nan if np.dtype(dtype).kind == "f" else -1, dtype)
+
+
+def _weights(w, dtype):
+    if w.dtype != _WDTYPE[dtype]:
+        raise TypeError(f"{dtype} weights must be {_WDTYPE[dtype]}, got {w.dtype}")
+    return w
+
+
+def _sm_count():
+    global _sms
+    if _sms is None:
+        _sms = cupy().cuda.Device().attributes["MultiProcessorCount"]
+    return _sms
+
+
+def embed(tokens, table, dtype, out):
+    """out f32[T, D] = float32(table[tokens]): tokens int64[T] on the device; table [V, D]."""
+    T, D = out.shape
+    _launch("embed.cu", f"embed_{dtype}", (math.ceil(D / 256), T), 256, (tokens, _weights(table, dtype), out, np.int32(D)))
+
+
+def linear(x, w, dtype, bias, out):
+    """out f32[T, R] = x @ w.T + bias: x f32[T, D]; w [R, D]; bias f32[R]."""
+    T, D = x.shape
+    R = w.shape[0]
+    _launch("linear.cu", f"linear_{dtype}", (math.ceil(R / 8),), 256,
+            (x, _weights(w, dtype), bias, out, np.int32(T), np.int32(D), np.int32(R)))
+
+
+def rms_norm(x, w, eps, out):
+    """out f32[rows, N] = w * (x / sqrt(mean(x^2) + eps)) per row; out may be x."""
+    rows, N = x.shape
+    _launch("norm.cu", "rms_norm_f32", (rows,), 256, (x, w, out, np.int32(N), np.float32(eps)))
+
+
+def rope(x, cos, sin, start):
+    """In place rotate-half RoPE of x f32[T, H, hd] at positions start..start+T-1; cos, sin
+    f32[P, hd/2] tables from position 0 (model.rope_tables)."""
+    T, H, hd = x.shape
+    _launch("rope.cu", "rope_f32", (T * H,), 64, (x, cos, sin, np.int32(start), np.int32(H), np.int32(hd)))
+
+
+def attention(q, k_cache, v_cache, start, out):
+    """Causal GQA attention as cpu.attention: q f32[T, H, hd] at positions start.., caches
+    f32[KV, cap, hd] filled up to start + T - 1; writes out f32[T, H, hd]. The keys are split into
+    S chunks so that about 4 blocks per SM run even for one query (decode); the chunks' partial
+    softmax sums are combined by a second kernel."""
+    T, H, hd = q.shape
+    KV, cap, _ = k_cache.shape
+    if hd > 256:
+        raise ValueError(f"head_dim {hd} > 256 is not supported by attn_split_f32")
+    L = start + T
+    S = max(1, min(math.ceil(L / 128), 4 * _sm_count() // (T * H)))
+    chunk = math.ceil(L / S)
+    S = math.ceil(L / chunk)
+    part_o = buffer((T, H, S, hd))
+    part_ml = buffer((T, H, S, 2))
+    _launch("attention.cu", "attn_split_f32", (S, H, T), 128,
+            (q, k_cache, v_cache, part_o, part_ml, np.int32(start), np.int32(H), np.int32(KV), np.int32(cap),
+             np.int32(hd), np.int32(chunk), np.float32(1.0 / np.sqrt(hd))))
+    _launch("attention.cu", "attn_combine_f32", (T * H,), 128, (part_o, part_ml, out, np.int32(S), np.int32(hd)))
+
+
+def router_topk(logits, k, renorm, idx, w):
+    """logits f32[T, E] -> idx int32[T, k], w f32[T, k] as cpu.router_topk: softmax, the k most
+    probable in descending order (ties: lower id first), optionally renormalised."""
+    T, E = logits.shape
+    _launch("router.cu", "router_topk_f32", (T,), 32, (logits, np.int32(E), np.int32(k), np.int32(bool(renorm)), idx, w),
+            shared_mem=4 * E)
+
+
+def expert_ffn(x, gate, up, down, dtype, idx, w, out):
+    """out[t] = sum_j w[t, j] * down_e @ (silu(gate_e @ x[t]) * (up_e @ x[t])), e = idx[t, j]:
+    x f32[T, D]; gate, up [E, I, D], down [E, D, I] (a layer's experts stacked); idx int32[T, k] and
+    w f32[T, k] on the device; out f32[T, D]. One token: the decode GEMVs; more: grouped by expert."""
+    T, D = x.shape
+    E, I, _ = gate.shape
+    k = idx.shape[1]
+    gate, up, down = (_weights(a, dtype) for a in (gate, up, down))
+    if T == 1:
+        h = buffer((k, I))
+        _launch("expert_gemv.cu", f"moe_gate_up_{dtype}", (math.ceil(I / 8), k), 256, (x, idx, gate, up, h, np.int32(D), np.int32(I)))
+        _launch("expert_gemv.cu", f"moe_down_{dtype}", (math.ceil(D / 8),), 256,
+                (h, idx, w, down, out, np.int32(k), np.int32(D), np.int32(I)))
+        return
+    n = T * k
+    offsets, order, pos = buffer(E + 1, np.int32), buffer(n, np.int32), buffer(n, np.int32)
+    _launch("expert_gemm.cu", "moe_sort_i32", (1,), 1024, (idx, np.int32(n), np.int32(E), offsets, order, pos), shared_mem=8 * E)
+    h = buffer((n, I))
+    _launch("expert_gemm.cu", f"moe_group_gate_up_{dtype}", (math.ceil(I / 8), E), 256,
+            (x, order, offsets, gate, up, h, np.int32(k), np.int32(D), np.int32(I)))
+    y = buffer((n, D))
+    _launch("expert_gemm.cu", f"moe_group_down_{dtype}", (math.ceil(D / 8), E), 256, (h, offsets, down, y, np.int32(D), np.int32(I)))
+    _launch("expert_gemm.cu", "moe_combine_f32", (math.ceil(D / 256), T), 256, (y, pos, w, out, np.int32(k), np.int32(D)))

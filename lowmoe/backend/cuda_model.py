@@ -1,0 +1,225 @@
+"""The decoder on the GPU: model.py's forward pass with every weight, expert and the KV cache in
+device memory, computed by the kernels of cuda.py.
+
+The per-layer loop only enqueues work: the router's expert ids and weights stay on the device and
+the expert kernels read them there, so the host waits for the GPU once per forward pass, when the
+logits are copied back for sampling. Routed experts are stacked per MoE layer (gate, up [E, I, D],
+down [E, D, I]); the dense MLPs and the Qwen2-MoE shared expert go through the same kernels as a
+single expert (E = 1, id 0, weight 1).
+"""
+
+import numpy as np
+
+from ..errors import DeviceError
+from ..model import rope_tables
+from ..slots import Slab
+from ..weights import FFN, Attention, Layer, Matrix, Weights
+from . import cuda
+
+
+class DeviceKVCache:
+    """model.KVCache on the GPU: k[layer], v[layer] f32[KV, capacity, hd], grown by doubling; plus
+    the RoPE tables cos, sin f32[capacity, hd/2] of every position it can hold."""
+
+    def __init__(self, cfg, capacity=256):
+        cp = cuda.cupy()
+        self.cfg = cfg
+        self.length = 0
+        shape = (cfg.num_kv_heads, capacity, cfg.head_dim)
+        self.k = [cp.zeros(shape, np.float32) for _ in range(cfg.num_layers)]
+        self.v = [cp.zeros(shape, np.float32) for _ in range(cfg.num_layers)]
+        self._tables(capacity)
+
+    def _tables(self, capacity):
+        cp = cuda.cupy()
+        cos, sin = rope_tables(self.cfg, np.arange(capacity))
+        self.cos, self.sin = cp.asarray(cos), cp.asarray(sin)
+
+    def reserve(self, length):
+        cp = cuda.cupy()
+        capacity = self.k[0].shape[1]
+        if length <= capacity:
+            return
+        while capacity < length:
+            capacity *= 2
+        for cache in (self.k, self.v):
+            for i, old in enumerate(cache):
+                new = cp.zeros((old.shape[0], capacity, old.shape[2]), np.float32)
+                new[:, : self.length] = old[:, : self.length]
+                cache[i] = new
+        self._tables(capacity)
+
+
+class DeviceExperts:
+    """Every routed expert resident on the GPU, stacked per MoE layer: {layer: FFN of [E, ...]}.
+    Has the counters interface the engine calls on an expert cache (there is nothing to count)."""
+
+    token = 0
+
+    def __init__(self, store, cfg):
+        cp = cuda.cupy()
+        E = cfg.num_experts
+        slab = Slab(store.layout, E)  # one layer at a time in host memory
+        self.layers = {}
+        for layer in cfg.moe_layers:
+            for e in range(E):
+                store.read(layer, e, slab.block(e))
+            parts = [slab.ffn(e) for e in range(E)]
+            self.layers[layer] = FFN(*(cp.asarray(np.stack([getattr(p, n) for p in parts])) for n in ("gate", "up", "down")),
+                                     store.layout.dtype)
+
+    def stats(self):
+        return {}
+
+    def reset_stats(self):
+        pass
+
+    def close(self):
+        pass
+
+
+def _nbytes(obj, seen):
+    """Bytes of the distinct NumPy arrays reachable from a weights record."""
+    if isinstance(obj, np.ndarray):
+        if id(obj) in seen:
+            return 0
+        seen.add(id(obj))
+        return obj.nbytes
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(o, seen) for o in obj)
+    if hasattr(obj, "__dataclass_fields__"):
+        return sum(_nbytes(getattr(obj, f), seen) for f in obj.__dataclass_fields__)
+    return 0
+
+
+def check_fits(cfg, dense, layout):
+    """DeviceError unless the dense weights and every expert fit in the GPU's free memory with 10%
+    (at least 512 MiB) left for the KV cache and scratch."""
+    cp = cuda.cupy()
+    free, _ = cp.cuda.Device().mem_info
+    experts = len(cfg.moe_layers) * cfg.num_experts * 3 * layout.part
+    need = _nbytes(dense, set()) + experts
+    if need + max(free // 10, 512 << 20) > free:
+        raise DeviceError(f"device 'cuda': the model needs {need / 2**30:.2f} GiB of GPU memory ({experts / 2**30:.2f} "
+                          f"GiB of experts) and {free / 2**30:.2f} GiB are free; the GPU expert cache is not "
+                          "available yet (use device='cpu' with --expert-cache)")
+
+
+def _vec(a):
+    return None if a is None else cuda.cupy().asarray(a)
+
+
+def _upload(w, memo):
+    """A device copy of a weights record (Matrix, FFN, Attention, Layer, Weights); shared arrays
+    (tied embeddings) are copied once. Matrices without a bias get zeros (x + 0 is exact), FFNs
+    a leading expert axis of 1."""
+    cp = cuda.cupy()
+    if id(w) in memo:
+        return memo[id(w)]
+    if isinstance(w, Matrix):
+        bias = w.bias if w.bias is not None else np.zeros(w.w.shape[0], np.float32)
+        out = Matrix(cp.asarray(w.w), w.dtype, cp.asarray(bias))
+    elif isinstance(w, FFN):
+        out = FFN(*(cp.asarray(a[None]) for a in (w.gate, w.up, w.down)), w.dtype)
+    elif isinstance(w, Attention):
+        out = Attention(*(_upload(m, memo) for m in (w.q, w.k, w.v, w.o)), _vec(w.q_norm), _vec(w.k_norm))
+    elif isinstance(w, Layer):
+        # pre_gate heads only feed the expert-cache predictor, which the GPU path does not have yet.
+        out = Layer(_vec(w.input_norm), _vec(w.post_norm), _upload(w.attn, memo),
+                    *(None if m is None else _upload(m, memo) for m in (w.router, w.mlp, w.shared, w.shared_gate)))
+    else:
+        out = Weights(_upload(w.embed, memo), _vec(w.norm), _upload(w.lm_head, memo), [_upload(x, memo) for x in w.layers])
+    memo[id(w)] = out
+    return out
+
+
+class CudaModel:
+    """Same interface as model.Model: forward(tokens, kv, all_logits) -> NumPy logits."""
+
+    def __init__(self, cfg, dense, store):
+        check_fits(cfg, dense, store.layout)
+        self.cfg = cfg
+        self.w = _upload(dense, {})
+        self.experts = DeviceExperts(store, cfg)
+        self.predictor = None  # the GPU holds every expert: nothing to prefetch
+        cp = cuda.cupy()
+        self._one = (cp.zeros((1, 1), np.int32), cp.ones((1, 1), np.float32))
+
+    def forward(self, tokens, kv, all_logits=False):
+        """tokens int64[T] at positions kv.length.. (host) -> logits f32[T, V] (or [1, V], last
+        token) copied to the host: the one wait for the GPU."""
+        cp = cuda.cupy()
+        cfg = self.cfg
+        T, start = len(tokens), kv.length
+        kv.reserve(start + T)
+        x = cp.empty((T, cfg.hidden_size), np.float32)
+        cuda.embed(cp.asarray(tokens, dtype=np.int64), self.w.embed.w, self.w.embed.dtype, x)
+        for i, layer in enumerate(self.w.layers):
+            x += self._attention(i, layer, self._norm(x, layer.input_norm), kv, start)
+            x += self._mlp(i, layer, self._norm(x, layer.post_norm))
+        kv.length = start + T
+        if not all_logits:
+            x = x[-1:]
+        return cp.asnumpy(self._linear(self._norm(x, self.w.norm), self.w.lm_head))
+
+    def _norm(self, x, w):
+        out = cuda.buffer(x.shape)
+        cuda.rms_norm(x, w, self.cfg.rms_norm_eps, out)
+        return out
+
+    def _linear(self, x, m):
+        out = cuda.buffer((x.shape[0], m.w.shape[0]))
+        cuda.linear(x, m.w, m.dtype, m.bias, out)
+        return out
+
+    def _ffn(self, u, f, idx, w):
+        out = cuda.buffer(u.shape)
+        cuda.expert_ffn(u, f.gate, f.up, f.down, f.dtype, idx, w, out)
+        return out
+
+    def _attention(self, i, layer, h, kv, start):
+        cp = cuda.cupy()
+        cfg, a = self.cfg, layer.attn
+        T, H, KV, hd = h.shape[0], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        q = self._linear(h, a.q)  # [T, H*hd]
+        k = self._linear(h, a.k)  # [T, KV*hd]
+        v = self._linear(h, a.v)
+        if cfg.qk_norm == "full":
+            q = self._norm(q, a.q_norm)
+            k = self._norm(k, a.k_norm)
+        elif cfg.qk_norm == "head":
+            q = self._norm(q.reshape(T * H, hd), a.q_norm)
+            k = self._norm(k.reshape(T * KV, hd), a.k_norm)
+        if cfg.clip_qkv:
+            for t in (q, k, v):
+                cp.clip(t, -cfg.clip_qkv, cfg.clip_qkv, out=t)
+        q = q.reshape(T, H, hd)
+        k = k.reshape(T, KV, hd)
+        cuda.rope(q, kv.cos, kv.sin, start)
+        cuda.rope(k, kv.cos, kv.sin, start)
+        kv.k[i][:, start : start + T] = k.transpose(1, 0, 2)
+        kv.v[i][:, start : start + T] = v.reshape(T, KV, hd).transpose(1, 0, 2)
+        out = cuda.buffer((T, H, hd))
+        cuda.attention(q, kv.k[i], kv.v[i], start, out)
+        return self._linear(out.reshape(T, H * hd), a.o)
+
+    def _units(self, T):
+        """Expert ids 0 and weights 1 for T tokens: an FFN as the only expert of its layer."""
+        if T == 1:
+            return self._one
+        cp = cuda.cupy()
+        return cp.zeros((T, 1), np.int32), cp.ones((T, 1), np.float32)
+
+    def _mlp(self, i, layer, u):
+        cp = cuda.cupy()
+        cfg, T = self.cfg, u.shape[0]
+        if layer.router is None:
+            return self._ffn(u, layer.mlp, *self._units(T))
+        idx = cuda.buffer((T, cfg.top_k), np.int32)
+        w = cuda.buffer((T, cfg.top_k))
+        cuda.router_topk(self._linear(u, layer.router), cfg.top_k, cfg.norm_topk_prob, idx, w)
+        out = self._ffn(u, self.experts.layers[i], idx, w)
+        if layer.shared is not None:
+            gate = 1.0 / (1.0 + cp.exp(-self._linear(u, layer.shared_gate)))  # [T, 1]
+            out += gate * self._ffn(u, layer.shared, *self._units(T))
+        return out

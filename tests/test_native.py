@@ -1,0 +1,173 @@
+"""The CUDA sources without a GPU: every native/*.cu compiles with nvcc for sm_80 and sm_90 and
+exports each entry point cuda.py launches; the split-sequence attention formula against plain
+softmax attention (NumPy float64); device='cuda' without a usable GPU is a one-line error."""
+
+import glob
+import os
+import re
+import shutil
+import struct
+import subprocess
+import sys
+import types
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+import lowmoe
+from lowmoe.backend import cuda
+from lowmoe.cli.__main__ import main as cli_main
+from lowmoe.config import EngineConfig
+
+ARCHS = ("sm_80", "sm_90")
+_GLOBAL = re.compile(r'extern\s+"C"\s+__global__\s+void\s+(\w+)')
+
+
+def _sources():
+    return {os.path.basename(p): open(p, encoding="utf-8").read() for p in sorted(glob.glob(os.path.join(cuda.NATIVE, "*.cu")))}
+
+
+def test_kernel_table_lists_every_global_and_nothing_else():
+    # No dead kernels: each extern "C" __global__ is launched from Python, and the table names no
+    # entry point that the sources lack.
+    found = {name: set(_GLOBAL.findall(text)) for name, text in _sources().items()}
+    assert found == {name: set(fns) for name, fns in cuda.KERNELS.items()}
+    for name, fns in cuda.KERNELS.items():
+        assert len(set(fns)) == len(fns), name
+        assert all(re.fullmatch(r"[a-z_0-9]+_(f32|f16|bf16|i32)", fn) for fn in fns), fns  # <op>_<dtype>
+
+
+def test_source_keeps_line_numbers():
+    # Compiler errors name native/<file>.cu and the right line: after its #line directive the
+    # compiled text is the file, line for line (the include becomes an empty line).
+    for name, text in _sources().items():
+        src = cuda.source(name)
+        body = src.split(f'#line 1 "native/{name}"\n', 1)[1]
+        want = [("" if line == f'#include "{cuda.HEADER}"' else line) for line in text.split("\n")]
+        assert body.split("\n") == want, name
+        assert src.count("#include") == 0
+
+
+def _global_functions(cubin):
+    """Names of the global FUNC symbols in an ELF64 file (a cubin): the kernels it exports."""
+    with open(cubin, "rb") as f:
+        elf = f.read()
+    assert elf[:4] == b"\x7fELF" and elf[4] == 2, "not an ELF64 file"
+    shoff, = struct.unpack_from("<Q", elf, 0x28)
+    shentsize, shnum = struct.unpack_from("<HH", elf, 0x3A)
+    sections = [struct.unpack_from("<IIQQQQIIQQ", elf, shoff + i * shentsize) for i in range(shnum)]
+    names = set()
+    for _, sh_type, _, _, offset, size, link, _, _, entsize in sections:
+        if sh_type != 2:  # SHT_SYMTAB
+            continue
+        strtab = sections[link][4]
+        for pos in range(offset, offset + size, entsize):
+            st_name, st_info = struct.unpack_from("<IB", elf, pos)
+            if st_info >> 4 == 1 and st_info & 0xF == 2:  # STB_GLOBAL, STT_FUNC
+                end = elf.index(b"\0", strtab + st_name)
+                names.add(elf[strtab + st_name : end].decode())
+    return names
+
+
+def _nvcc(src, arch, out):
+    # What cupy.RawModule compiles (cuda.source: header inlined, #line directives), as a cubin.
+    cmd = ["nice", "-n", "19", "nvcc", "-cubin", f"-arch={arch}", "-std=c++17", "-Werror", "all-warnings", "-o", out, src]
+    return subprocess.run(cmd, capture_output=True, text=True)
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+def test_every_source_compiles_and_exports_its_entry_points(tmp_path):
+    jobs = []
+    for name in cuda.KERNELS:
+        src = tmp_path / name
+        src.write_text(cuda.source(name))
+        jobs += [(name, arch, str(src), str(tmp_path / f"{name}.{arch}.cubin")) for arch in ARCHS]
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda j: _nvcc(j[2], j[1], j[3]), jobs))
+    for (name, arch, _, cubin), r in zip(jobs, results):
+        assert r.returncode == 0, f"native/{name} for {arch}:\n{r.stderr}"
+        assert r.stderr.strip() == "", f"native/{name} for {arch} warns:\n{r.stderr}"
+        missing = set(cuda.KERNELS[name]) - _global_functions(cubin)
+        assert not missing, f"native/{name} ({arch}) lacks {sorted(missing)}"
+
+
+# ------------------------------------------------- the split-sequence attention, in float64
+
+
+def _split_attention(q, k, v, L, chunk, sub):
+    """attention.cu's algorithm for one query row: keys 0..L-1 in chunks of `chunk`, each walked
+    in sub-chunks of `sub` with an online softmax -> partials (o, m, l); then attn_combine_f32.
+    q f64[hd]; k, v f64[n >= L, hd]."""
+    S = -(-(k.shape[0]) // chunk)  # some chunks may lie past L: they must count for nothing
+    parts = []
+    for s in range(S):
+        m, l, o = -np.inf, 0.0, np.zeros(q.shape)
+        for j0 in range(s * chunk, min(s * chunk + chunk, L), sub):
+            sc = k[j0 : min(j0 + sub, s * chunk + chunk, L)] @ q / np.sqrt(q.size)
+            mnew = max(m, sc.max())
+            alpha = np.exp(m - mnew)
+            p = np.exp(sc - mnew)
+            l = l * alpha + p.sum()
+            o = o * alpha + p @ v[j0 : j0 + len(p)]
+            m = mnew
+        parts.append((o, m, l))
+    M = max(m for _, m, _ in parts)
+    num = sum(np.exp(m - M) * o for o, m, _ in parts)
+    den = sum(np.exp(m - M) * l for _, m, l in parts)
+    return num / den
+
+
+@pytest.mark.parametrize("L,chunk,sub", [(1, 64, 128), (37, 5, 3), (300, 128, 128), (1000, 77, 16), (129, 129, 128)])
+def test_split_attention_formula_matches_softmax_attention(L, chunk, sub):
+    g = np.random.default_rng([6, L, chunk])
+    hd, n = 24, L + 2 * chunk  # keys past L exist (a KV cache's spare room) and must be ignored
+    q = g.standard_normal(hd) * 3
+    k, v = g.standard_normal((n, hd)), g.standard_normal((n, hd))
+    s = k[:L] @ q / np.sqrt(hd)
+    p = np.exp(s - s.max())
+    ref = (p / p.sum()) @ v[:L]
+    got = _split_attention(q, k, v, L, chunk, sub)
+    assert np.allclose(got, ref, rtol=1e-12, atol=1e-12)
+
+
+# ------------------------------------------------------------ no usable GPU
+
+
+def _fresh_cupy(monkeypatch, module):
+    """cuda.cupy() as on a machine where `import cupy` gives `module` (None: not installed)."""
+    monkeypatch.setattr(cuda, "_cupy", None)
+    monkeypatch.setitem(sys.modules, "cupy", module)
+
+
+def _no_device_cupy():
+    class CUDARuntimeError(RuntimeError):
+        pass
+
+    def count():
+        raise CUDARuntimeError("cudaErrorNoDevice: no CUDA-capable device is detected")
+
+    runtime = types.SimpleNamespace(getDeviceCount=count, CUDARuntimeError=CUDARuntimeError)
+    return types.SimpleNamespace(cuda=types.SimpleNamespace(runtime=runtime))
+
+
+@pytest.mark.parametrize("module,words", [(None, "needs CuPy: pip install"), (_no_device_cupy(), "cannot use a GPU")])
+def test_device_cuda_without_gpu_is_a_one_line_error(monkeypatch, capsys, module, words):
+    _fresh_cupy(monkeypatch, module)
+    with pytest.raises(lowmoe.DeviceError, match=words) as e:
+        lowmoe.Engine.from_pretrained(device="cuda")
+    assert "\n" not in str(e.value)
+    assert cli_main(["decode", "--device", "cuda", "--max-new-tokens", "2", "In the beginning"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lowmoe decode: error: device 'cuda'") and err.count("\n") == 1 and words in err
+
+
+def test_device_options():
+    assert EngineConfig.from_options(env={}, device="cuda").device == "cuda"
+    with pytest.raises(lowmoe.InputError, match="expected one of cpu, cuda"):
+        EngineConfig.from_options(env={}, device="tpu")
+    with pytest.raises(lowmoe.InputError, match="expert cache budget is not available"):
+        EngineConfig.from_options(env={"SHARPI_EXPERT_CACHE": "25%"}, device="cuda")
+    with pytest.raises(lowmoe.InputError, match="SHARPI_CPU_MOE=1"):
+        EngineConfig.from_options(env={"SHARPI_CPU_MOE": "1"}, device="cuda")
+    assert EngineConfig.from_options(env={"SHARPI_CPU_MOE": "0"}, device="cuda").cpu_moe is False
