@@ -171,3 +171,89 @@ def test_device_options():
     with pytest.raises(lowmoe.InputError, match="SHARPI_CPU_MOE=1"):
         EngineConfig.from_options(env={"SHARPI_CPU_MOE": "1"}, device="cuda")
     assert EngineConfig.from_options(env={"SHARPI_CPU_MOE": "0"}, device="cuda").cpu_moe is False
+
+
+# ------------------------- every launch against its kernel's C signature, with NumPy as CuPy
+
+_PARAM_DTYPE = {"float": np.float32, "Half": np.uint16, "BFloat": np.uint16, "int": np.int32, "long long": np.int64}
+
+
+def _signatures():
+    """{entry point: [(is_pointer, dtype), ...]} from the extern "C" declarations in native/."""
+    sig = {}
+    for text in _sources().values():
+        for fn, params in re.findall(r'extern\s+"C"\s+__global__\s+void\s+(\w+)\s*\(([^)]*)\)', text):
+            parsed = []
+            for p in params.split(","):
+                words = p.replace("*", " * ").split()
+                base = " ".join(w for w in words[:-1] if w not in ("const", "*"))
+                parsed.append(("*" in words, np.dtype(_PARAM_DTYPE[base])))
+            sig[fn] = parsed
+    return sig
+
+
+class _Launches:
+    """Stands in for CuPy's kernels: checks each launch's arguments against the C signature
+    (count, pointer vs scalar, element type, C-contiguous arrays) and its launch shape."""
+
+    def __init__(self):
+        self.sig = _signatures()
+        self.count = {}
+
+    def function(self, fn):
+        def launch(grid, block, args, shared_mem=0):
+            want = self.sig[fn]
+            assert len(args) == len(want), f"{fn}: {len(args)} arguments for {len(want)} parameters"
+            for i, (a, (pointer, dtype)) in enumerate(zip(args, want)):
+                if pointer:
+                    assert isinstance(a, np.ndarray) and a.dtype == dtype and a.flags.c_contiguous, f"{fn} arg {i}"
+                else:
+                    assert type(a) is dtype.type, f"{fn} arg {i}: {type(a).__name__} for {dtype}"
+            assert all(isinstance(d, int) and d > 0 for d in grid + block) and np.prod(block) <= 1024, (fn, grid, block)
+            assert len(grid) <= 3 and len(block) == 1 and block[0] % 32 == 0 and shared_mem <= 48 << 10, fn
+            if fn == "attn_split_f32":
+                assert block == (128,)  # the kernel's sub-chunk of 128 keys is one key per thread
+            self.count[fn] = self.count.get(fn, 0) + 1
+
+        return launch
+
+
+def _numpy_cupy(launches):
+    """A module that answers what lowmoe's GPU code asks of cupy, with NumPy arrays."""
+    module = types.SimpleNamespace(get_function=launches.function, compile=lambda: None)
+    device = types.SimpleNamespace(attributes={"MultiProcessorCount": 132}, mem_info=(80 << 30, 80 << 30))
+    runtime = types.SimpleNamespace(getDeviceCount=lambda: 1, CUDARuntimeError=RuntimeError)
+    cuda_ns = types.SimpleNamespace(runtime=runtime, Device=lambda: device,
+                                    compiler=types.SimpleNamespace(CompileException=RuntimeError))
+    return types.SimpleNamespace(
+        cuda=cuda_ns, RawModule=lambda code, options: module, asnumpy=np.asarray,
+        **{f: getattr(np, f) for f in ("asarray", "empty", "full", "zeros", "ones", "exp", "clip", "arange")})
+
+
+def _models(request):
+    """The bundled model (bf16) and, with torch and transformers, every transformers-made one."""
+    try:
+        made = list(request.getfixturevalue("test_models").values())
+    except pytest.skip.Exception:
+        made = []
+    return [lowmoe.DEFAULT_MODEL] + made, bool(made)
+
+
+def test_every_launch_matches_its_kernel_signature(monkeypatch, request):
+    # The whole GPU decoder (prefill, then decode steps) on every architecture, with the launches
+    # checked instead of run: argument order and types, contiguous arrays, sane launch shapes.
+    launches = _Launches()
+    _fresh_cupy(monkeypatch, _numpy_cupy(launches))
+    monkeypatch.setattr(cuda, "_modules", {})
+    monkeypatch.setattr(cuda, "_functions", {})
+    monkeypatch.setattr(cuda, "POISON", True)
+    paths, every_dtype = _models(request)
+    for path in paths:
+        with lowmoe.Engine.from_pretrained(path, device="cuda") as engine:
+            assert len(engine.generate([3, 4, 5, 6], 3, stop_at_eos=False).tokens) == 3
+            engine.logits([7])
+    never = {fn for fns in cuda.KERNELS.values() for fn in fns} - set(launches.count)
+    if every_dtype:  # f32, f16 and bf16 checkpoints: every entry point ran
+        assert not never
+    else:  # the bf16 bundled model alone: only the f32 / f16 weight variants may not have run
+        assert all(fn.endswith(("_f32", "_f16")) for fn in never), never

@@ -1,0 +1,343 @@
+"""One-shot GPU check of lowmoe's CUDA kernels (run by tools/gpu_check.sh; needs a GPU and CuPy).
+
+    python tools/gpu_check.py OUTDIR [--models DIR] [--tokens N]
+
+1. Every kernel (through lowmoe/backend/cuda.py) against NumPy float64 on fresh random inputs,
+   never zeros, at several shapes including odd ones. Outputs and scratch buffers start as NaN
+   (cuda.POISON), so every element must be written; KV cache rows past the context are NaN, so no
+   kernel may read them.
+2. Greedy tokens of device='cuda' equal device='cpu' on the bundled model and on every checkpoint
+   in --models (tools/make_test_models.py output); logits of a prefill are compared too.
+3. Bandwidth of the decode GEMVs (expert SwiGLU and lm_head-sized linear) against a large
+   device-to-device copy measured in the same run.
+
+Writes OUTDIR/gpu_check.log (every case) and OUTDIR/summary.json; prints a short table last.
+Exit status 0 when everything passed, 1 when something failed, 2 when no GPU is usable.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+import types
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+TOL = 1e-4  # max abs error / max |reference|: weights are exact in both, so only f32 sums differ
+
+
+class Report:
+    def __init__(self, outdir):
+        self.log = open(os.path.join(outdir, "gpu_check.log"), "w", encoding="utf-8")
+        self.rows = []  # (check, cases, worst, result)
+
+    def line(self, text):
+        print(text, flush=True)
+        self.log.write(text + "\n")
+        self.log.flush()
+
+    def row(self, check, cases, worst, ok):
+        self.rows.append((check, cases, worst, "PASS" if ok else "FAIL"))
+
+    def table(self):
+        w = max(len(r[0]) for r in self.rows)
+        lines = [f"{'check':<{w}}  {'cases':>5}  {'worst':>26}  result", "-" * (w + 45)]
+        lines += [f"{c:<{w}}  {n:>5}  {str(x):>26}  {r}" for c, n, x, r in self.rows]
+        return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ inputs and references
+
+
+def randn(g, *shape, scale=1.0):
+    return (g.standard_normal(shape) * scale).astype(np.float32)
+
+
+def weights(g, shape, dtype, scale):
+    """(array as the kernels take it, exact float64 value of each element); never zero."""
+    w = g.standard_normal(shape) * scale
+    w[w == 0] = scale
+    if dtype == "f32":
+        w = w.astype(np.float32)
+        return w, w.astype(np.float64)
+    if dtype == "f16":
+        bits = w.astype(np.float16).view(np.uint16)
+        return bits, bits.view(np.float16).astype(np.float64)
+    u = w.astype(np.float32).view(np.uint32).astype(np.uint64)
+    bits = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)  # round to nearest even
+    return bits, (bits.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+
+
+def err(got, ref):
+    got = np.asarray(got, np.float64)
+    if got.shape != ref.shape or not np.isfinite(got).all():
+        return float("inf")
+    return float(np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-30))
+
+
+def silu(g):
+    return g / (1.0 + np.exp(-g))
+
+
+# ---------------------------------------------------------------------------- kernels
+
+
+def check_linear(cuda, cp, g, dtype, T, D, R):
+    x = randn(g, T, D)
+    w, w64 = weights(g, (R, D), dtype, 1 / np.sqrt(D))
+    b = randn(g, R)
+    out = cp.full((T, R), np.nan, np.float32)
+    cuda.linear(cp.asarray(x), cp.asarray(w), dtype, cp.asarray(b), out)
+    return err(cp.asnumpy(out), x.astype(np.float64) @ w64.T + b)
+
+
+def check_embed(cuda, cp, g, dtype, V, D, T):
+    table, t64 = weights(g, (V, D), dtype, 1.0)
+    tokens = g.integers(0, V, T)
+    tokens[-1] = V - 1
+    out = cp.full((T, D), np.nan, np.float32)
+    cuda.embed(cp.asarray(tokens, dtype=np.int64), cp.asarray(table), dtype, out)
+    return err(cp.asnumpy(out), t64[tokens])
+
+
+def check_rms_norm(cuda, cp, g, rows, N, eps):
+    x, w = randn(g, rows, N, scale=3.0), randn(g, N)
+    out = cp.full((rows, N), np.nan, np.float32)
+    cuda.rms_norm(cp.asarray(x), cp.asarray(w), eps, out)
+    x64 = x.astype(np.float64)
+    return err(cp.asnumpy(out), w * (x64 / np.sqrt((x64**2).mean(1, keepdims=True) + eps)))
+
+
+def check_rope(cuda, cp, g, T, H, hd, start):
+    from lowmoe.model import rope_tables
+
+    cos, sin = rope_tables(types.SimpleNamespace(head_dim=hd, rope_theta=1e4), np.arange(start + T + 3))
+    x = randn(g, T, H, hd)
+    d = cp.asarray(x)
+    cuda.rope(d, cp.asarray(cos), cp.asarray(sin), start)
+    c, s = cos[start : start + T, None].astype(np.float64), sin[start : start + T, None].astype(np.float64)
+    x64, half = x.astype(np.float64), hd // 2
+    ref = np.concatenate([x64[..., :half] * c - x64[..., half:] * s, x64[..., half:] * c + x64[..., :half] * s], -1)
+    return err(cp.asnumpy(d), ref)
+
+
+def check_attention(cuda, cp, g, T, H, KV, hd, start):
+    cap = start + T + 5
+    q = randn(g, T, H, hd)
+    k = np.full((KV, cap, hd), np.nan, np.float32)  # rows past the context must never be read
+    v = k.copy()
+    k[:, : start + T] = randn(g, KV, start + T, hd)
+    v[:, : start + T] = randn(g, KV, start + T, hd)
+    out = cp.full((T, H, hd), np.nan, np.float32)
+    cuda.attention(cp.asarray(q), cp.asarray(k), cp.asarray(v), start, out)
+    ref = np.empty((T, H, hd))
+    for t in range(T):
+        L = start + t + 1
+        for h in range(H):
+            kv = h // (H // KV)
+            s = k[kv, :L].astype(np.float64) @ q[t, h] / np.sqrt(hd)
+            p = np.exp(s - s.max())
+            ref[t, h] = (p / p.sum()) @ v[kv, :L]
+    return err(cp.asnumpy(out), ref)
+
+
+def check_router(cuda, cp, g, T, E, k, renorm, ties):
+    from lowmoe.backend import cpu
+
+    logits = randn(g, T, E, scale=2.0)
+    if ties:  # equal logits: the lower expert id must come first, as on the CPU
+        logits[:, 1::2] = logits[:, 0::2][:, : logits[:, 1::2].shape[1]]
+    idx = cp.full((T, k), -1, np.int32)
+    w = cp.full((T, k), np.nan, np.float32)
+    cuda.router_topk(cp.asarray(logits), k, renorm, idx, w)
+    cidx, _ = cpu.router_topk(logits, k, renorm)
+    z = logits.astype(np.float64)
+    p = np.exp(z - z.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    ref = np.take_along_axis(p, cidx, 1)
+    if renorm:
+        ref /= ref.sum(1, keepdims=True)
+    same = np.array_equal(cp.asnumpy(idx), cidx)
+    return err(cp.asnumpy(w), ref) if same else float("inf")
+
+
+def check_experts(cuda, cp, g, dtype, E, I, D, k, T):
+    x = randn(g, T, D)
+    gate, g64 = weights(g, (E, I, D), dtype, 1 / np.sqrt(D))
+    up, u64 = weights(g, (E, I, D), dtype, 1 / np.sqrt(D))
+    down, d64 = weights(g, (E, D, I), dtype, 1 / np.sqrt(I))
+    idx = np.stack([g.choice(E, k, replace=False) for _ in range(T)]).astype(np.int32)
+    w = g.uniform(0.1, 1.0, (T, k)).astype(np.float32)
+    out = cp.full((T, D), np.nan, np.float32)
+    cuda.expert_ffn(cp.asarray(x), cp.asarray(gate), cp.asarray(up), cp.asarray(down), dtype, cp.asarray(idx),
+                    cp.asarray(w), out)
+    x64, ref = x.astype(np.float64), np.zeros((T, D))
+    for t in range(T):
+        for j, e in enumerate(idx[t]):
+            ref[t] += w[t, j] * (d64[e] @ (silu(g64[e] @ x64[t]) * (u64[e] @ x64[t])))
+    return err(cp.asnumpy(out), ref)
+
+
+DT = ("f32", "f16", "bf16")
+KERNEL_CASES = {
+    "linear": (check_linear, [(d, *s) for d in DT for s in [(1, 37, 53), (1, 2048, 4096), (5, 64, 7), (17, 256, 300),
+                                                             (1, 1, 1), (9, 1000, 333), (2, 4104, 129)]]),
+    "embed": (check_embed, [(d, *s) for d in DT for s in [(100, 37, 3), (1000, 256, 1), (50, 2048, 17)]]),
+    "rms_norm": (check_rms_norm, [(1, 37, 1e-6), (3, 64, 1e-5), (17, 2048, 1e-6), (40, 24, 1e-2)]),
+    "rope": (check_rope, [(1, 4, 6, 0), (3, 2, 10, 5), (17, 3, 128, 100), (1, 32, 128, 8191)]),
+    "attention": (check_attention, [(1, 4, 2, 64, 0), (1, 32, 8, 128, 8191), (1, 6, 3, 24, 1000), (7, 4, 2, 32, 0),
+                                    (33, 4, 4, 16, 50), (5, 2, 1, 256, 3), (1, 4, 1, 6, 300), (64, 8, 2, 128, 0)]),
+    "router_topk": (check_router, [(1, 16, 4, True, False), (5, 8, 2, False, False), (3, 128, 8, True, False),
+                                   (2, 60, 6, False, False), (4, 16, 4, True, True), (1, 33, 33, True, False)]),
+    "expert_ffn decode": (check_experts, [(d, *s) for d in DT for s in [(16, 96, 256, 4, 1), (8, 48, 64, 2, 1),
+                                                                        (4, 37, 53, 2, 1), (16, 768, 2048, 8, 1),
+                                                                        (1, 80, 64, 1, 1)]]),
+    "expert_ffn prefill": (check_experts, [(d, *s) for d in DT for s in [(8, 48, 64, 2, 9), (16, 96, 256, 4, 33),
+                                                                         (4, 37, 53, 3, 5), (1, 80, 64, 1, 7),
+                                                                         (16, 768, 2048, 8, 40)]]),
+}
+
+
+def run_kernels(rep, cuda, cp):
+    for name, (fn, cases) in KERNEL_CASES.items():
+        worst, ok = 0.0, True
+        for i, case in enumerate(cases):
+            g = np.random.default_rng([6, len(name), i])
+            try:
+                e = fn(cuda, cp, g, *case)
+            except Exception:
+                rep.line(f"{name} {case}: ERROR\n{traceback.format_exc()}")
+                e = float("inf")
+            rep.line(f"{name} {case}: err {e:.3g}")
+            worst, ok = max(worst, e), ok and e <= TOL
+        rep.row(name, len(cases), f"err {worst:.2g} (tol {TOL:g})", ok)
+
+
+# ------------------------------------------------------------------------ whole models
+
+
+def compare_models(rep, paths, n_tokens):
+    from lowmoe import Engine
+
+    for label, path in paths:
+        try:
+            with Engine.from_pretrained(path) as c, Engine.from_pretrained(path, device="cuda") as gpu:
+                ids = c.encode("In the beginning God created") if label == "default" else list(range(3, 14))
+                want = c.generate(ids, n_tokens, stop_at_eos=False)
+                t0 = time.perf_counter()
+                got = gpu.generate(ids, n_tokens, stop_at_eos=False)
+                gpu_s = time.perf_counter() - t0
+                lerr = err(gpu.logits(ids), c.logits(ids).astype(np.float64))
+            same = want.tokens == got.tokens
+            rep.line(f"tokens {label}: cpu {want.tokens}\n       {' ' * len(label)} gpu {got.tokens}\n"
+                     f"       prefill logits err {lerr:.3g}; gpu decode {got.stats['decode_tok_s']:.1f} tok/s "
+                     f"({gpu_s:.2f} s incl. prefill)")
+            rep.row(f"tokens {label}", n_tokens, f"logits err {lerr:.2g}", same)
+        except Exception:
+            rep.line(f"tokens {label}: ERROR\n{traceback.format_exc()}")
+            rep.row(f"tokens {label}", n_tokens, "error", False)
+
+
+# ------------------------------------------------------------------------- bandwidth
+
+
+def _time(cp, fn, reps):
+    fn()  # warm-up (and compile)
+    start, end = cp.cuda.Event(), cp.cuda.Event()
+    start.record()
+    for i in range(reps):
+        fn(i)
+    end.record()
+    end.synchronize()
+    return cp.cuda.get_elapsed_time(start, end) / 1e3 / reps
+
+
+def _bf16_ones(cp, shape):
+    # bf16 bits of values near 1 (not zeros), made on the device: fast for GBs of weights.
+    return (cp.arange(int(np.prod(shape)), dtype=np.int32) % 64 + 0x3F80).astype(np.uint16).reshape(shape)
+
+
+def run_bandwidth(rep, cuda, cp):
+    g = np.random.default_rng(66)
+    n = 1 << 30  # 1 GiB copy: far past L2
+    src, dst = cp.ones(n // 4, np.float32), cp.empty(n // 4, np.float32)
+    copy_s = _time(cp, lambda i=0: cp.copyto(dst, src), 20)
+    copy_bw = 2 * n / copy_s  # read + write
+    rep.line(f"device-to-device copy of 1 GiB: {copy_s * 1e3:.3f} ms, {copy_bw / 1e9:.0f} GB/s (read + write)")
+    del src, dst
+
+    # Expert SwiGLU GEMV, a Qwen3-30B-A3B layer (E 128, k 8, D 2048, I 768, bf16); each call takes the
+    # next 8 experts, so 16 calls walk all 1.2 GB of the layer and nothing is served from L2.
+    E, I, D, k = 128, 768, 2048, 8
+    gate, up, down = (_bf16_ones(cp, s) for s in [(E, I, D), (E, I, D), (E, D, I)])
+    x = cp.asarray(randn(g, 1, D))
+    idx = [cp.arange(j * k, (j + 1) * k, dtype=np.int32).reshape(1, k) for j in range(E // k)]
+    w = cp.full((1, k), 0.125, np.float32)
+    out = cp.empty((1, D), np.float32)
+    moe_s = _time(cp, lambda i=0: cuda.expert_ffn(x, gate, up, down, "bf16", idx[i % len(idx)], w, out), 64)
+    moe_bw = 3 * k * I * D * 2 / moe_s
+    del gate, up, down
+
+    # lm_head-sized linear GEMV: 151936 x 2048 bf16 = 622 MB.
+    R = 151936
+    wl = _bf16_ones(cp, (R, D))
+    bias, y = cp.zeros(R, np.float32), cp.empty((1, R), np.float32)
+    lin_s = _time(cp, lambda i=0: cuda.linear(x, wl, "bf16", bias, y), 20)
+    lin_bw = R * D * 2 / lin_s
+    for label, s, bw in (("expert SwiGLU GEMV (Qwen3-30B-A3B layer, bf16)", moe_s, moe_bw),
+                         ("linear GEMV (151936 x 2048, bf16)", lin_s, lin_bw)):
+        rep.line(f"{label}: {s * 1e6:.1f} us, {bw / 1e9:.0f} GB/s = {bw / copy_bw:.0%} of copy")
+        rep.row(f"bandwidth {label.split(' (')[0]}", 1, f"{bw / 1e9:.0f} GB/s = {bw / copy_bw:.0%} of copy", bw >= 0.7 * copy_bw)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("outdir")
+    p.add_argument("--models", default=None, help="folder of tools/make_test_models.py checkpoints (one per subfolder)")
+    p.add_argument("--tokens", type=int, default=24, help="greedy tokens compared per model")
+    args = p.parse_args(argv)
+    os.makedirs(args.outdir, exist_ok=True)
+
+    from lowmoe import DEFAULT_MODEL, DeviceError
+    from lowmoe.backend import cuda
+
+    rep = Report(args.outdir)
+    try:
+        cp = cuda.cupy()
+    except DeviceError as e:
+        rep.line(f"gpu_check: {e}")
+        return 2
+    cuda.POISON = True
+    props = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)
+    rep.line(f"GPU: {props['name'].decode()}, {props['totalGlobalMem'] / 2**30:.0f} GiB, CuPy {cp.__version__}, "
+             f"CUDA runtime {cp.cuda.runtime.runtimeGetVersion()}, driver {cp.cuda.runtime.driverGetVersion()}")
+    t0 = time.perf_counter()
+    run_kernels(rep, cuda, cp)
+    models = [("default", DEFAULT_MODEL)]
+    if args.models:
+        models += [(n, os.path.join(args.models, n)) for n in sorted(os.listdir(args.models))
+                   if os.path.isfile(os.path.join(args.models, n, "config.json"))]
+    else:
+        rep.row("tokens transformers-made models", 0, "no --models given", False)
+    compare_models(rep, models, args.tokens)
+    cuda.POISON = False  # timing without the NaN fills
+    try:
+        run_bandwidth(rep, cuda, cp)
+    except Exception:
+        rep.line(f"bandwidth: ERROR\n{traceback.format_exc()}")
+        rep.row("bandwidth", 0, "error", False)
+    rep.line(f"total {time.perf_counter() - t0:.0f} s")
+    ok = all(r[3] == "PASS" for r in rep.rows)
+    with open(os.path.join(args.outdir, "summary.json"), "w", encoding="utf-8") as f:
+        json.dump({"passed": ok, "rows": rep.rows}, f, indent=1)
+    rep.line("\n" + rep.table())
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
