@@ -200,7 +200,7 @@ class EngineConfig:
     device: str = "cpu"  # DEVICES; "cuda": the whole model on the GPU (backend/cuda_model.py)
     expert_cache: str = None  # budget ("1.5GiB", "25%", "min"); None: every expert resident
     storage: str = None  # slow tier: "checkpoint", "packed", "ram"; None: packed if the folder is, else checkpoint
-    readers: int = 2  # reader threads
+    readers: int = 1  # reader threads (one: concurrent large reads measured slower, see docs/performance.md)
     read_timeout_s: float = 30.0
     cpu_moe: bool = None  # experts computed on the CPU; None: where the device is (cpu: CPU, cuda: GPU)
     predictor: str = None  # hints for the expert cache: PREDICTORS; None: pregate if the checkpoint has

@@ -26,6 +26,16 @@ DEFAULT_MODEL = os.path.join(os.path.dirname(__file__), "models", "default")
 
 
 @dataclass
+class Context:
+    """A prompt already run through the model: its KV cache and the logits f32[V] of its last
+    token. Every decode from it starts right after the prompt, so one Context serves many."""
+
+    kv: KVCache
+    logits: np.ndarray
+    length: int
+
+
+@dataclass
 class Generation:
     tokens: list  # new token ids
     text: str  # decoded new tokens ("" without a tokenizer)
@@ -156,21 +166,43 @@ class Engine:
         ids = self._check_ids(token_ids)
         return self.model.forward(ids, self._kv_cache(len(ids)), all_logits=True)
 
+    def prefill(self, token_ids, room=0, chunk=None, progress=None):
+        """Runs the prompt through the model -> a Context with KV room for `room` more tokens.
+        `chunk` tokens at a time when given (the same result: each position sees exactly the
+        positions before it), calling progress(done, total) after each chunk."""
+        ids = self._check_ids(token_ids)
+        kv = self._kv_cache(len(ids) + room)
+        step = chunk or len(ids)
+        for i in range(0, len(ids), step):
+            logits = self.model.forward(ids[i : i + step], kv)
+            if progress is not None:
+                progress(min(i + step, len(ids)), len(ids))
+        return Context(kv, logits[-1], len(ids))
+
     def stream(self, token_ids, max_new_tokens, temperature=0.0, top_p=1.0, top_k=0, seed=None,
                stop_at_eos=True, stats=None):
         """Yields new token ids one at a time. `stats`, if a dict, is filled with timings and, with
         an expert cache, its counters for the decode steps (hits, misses, bytes_read, stall_s...)."""
-        ids = self._check_ids(token_ids)
         check_params(temperature, top_p, top_k)
         if max_new_tokens < 0:
             raise InputError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        rng = np.random.default_rng(seed)
-        kv = self._kv_cache(len(ids) + max_new_tokens)
         stats = {} if stats is None else stats
         t0 = time.perf_counter()
-        logits = self.model.forward(ids, kv)
-        t1 = time.perf_counter()
-        stats.update(prefill_tokens=len(ids), prefill_s=t1 - t0, decode_tokens=0, decode_s=0.0)
+        context = self.prefill(token_ids, max_new_tokens)
+        stats.update(prefill_tokens=context.length, prefill_s=time.perf_counter() - t0)
+        yield from self.stream_from(context, max_new_tokens, temperature, top_p, top_k, seed, stop_at_eos, stats)
+
+    def stream_from(self, context, max_new_tokens, temperature=0.0, top_p=1.0, top_k=0, seed=None,
+                    stop_at_eos=True, stats=None):
+        """Like `stream`, from a prefilled Context (which stays reusable: each decode from it
+        writes its new positions after the prompt's)."""
+        check_params(temperature, top_p, top_k)
+        rng = np.random.default_rng(seed)
+        kv, logits = context.kv, context.logits[None]
+        kv.length = context.length
+        kv.reserve(context.length + max_new_tokens)
+        stats = {} if stats is None else stats
+        stats.update(decode_tokens=0, decode_s=0.0)
         self.model.experts.reset_stats()  # expert cache stats cover the decode steps
         try:
             for n in range(max_new_tokens):

@@ -96,7 +96,7 @@ class ResidentExperts:
 class OffloadedExperts:
     """A budget of expert slots in front of the slow tier (the reactive baseline: reads on demand)."""
 
-    def __init__(self, store, cfg, plan, readers=2, timeout_s=30.0):
+    def __init__(self, store, cfg, plan, readers=1, timeout_s=30.0):
         self.cfg = cfg
         self.plan = plan
         self.cache = SlruCache(plan.slots, plan.staging)
@@ -168,8 +168,12 @@ class OffloadedExperts:
                 self._group(keys[i : i + self.plan.slots], u, rows, outputs, st)
         finally:
             for key in [k for k in self.staged if k[0] == layer]:  # hints the gating did not choose
-                self.releasing[key] = self.staged.pop(key)
-                st.wasted_bytes += 3 * self.slab.layout.part
+                req = self.staged.pop(key)
+                if self.reader.cancel(req):  # still queued: never read, its slot is free now
+                    self.cache.release(req.slot)
+                else:
+                    self.releasing[key] = req
+                    st.wasted_bytes += 3 * self.slab.layout.part
             self._sweep()
         if tracing:
             k = self.cfg.top_k

@@ -1,7 +1,8 @@
 """Writing the packed, expert-major copy of a model (`lowmoe pack MODEL OUT`).
 
 The packed folder is itself a loadable model:
-- config.json (and tokenizer.json, generation_config.json when present), copied;
+- config.json (and tokenizer.json, generation_config.json, the learned predictor's
+  moe_predictor.safetensors when present), copied;
 - dense.safetensors: every tensor that is not a routed expert, bytes as stored (dtype kept);
 - experts.bin: one block per (moe layer, expert) in that order, block i at byte i * block:
   gate | up | down at 0, part, 2 * part, zero-padded to `block` (a multiple of 4 KiB), so one
@@ -26,7 +27,7 @@ from .errors import CheckpointError, InputError
 from .slots import aligned_empty
 from .store import FORMAT, INDEX, VERSION, CheckpointStore, is_packed
 
-COPIED = ("config.json", "tokenizer.json", "generation_config.json")
+COPIED = ("config.json", "tokenizer.json", "generation_config.json", "moe_predictor.safetensors")
 DENSE, BLOB = "dense.safetensors", "experts.bin"
 CHUNK = 16 << 20  # bytes per read while copying a dense tensor
 

@@ -2,8 +2,9 @@
 
 Requests wait in a priority queue (demand reads, which decode is waiting for, before hints);
 a second request for an expert already queued or in flight merges with the first (and can raise
-its priority). Each request has a ready signal. A failed read is retried once; then its error
-surfaces at the waiter. Waits have a timeout, so a stuck read is an error, never a hang. The
+its priority); a queued hint that turned out unneeded is cancelled before it takes disk time.
+Each request has a ready signal. A failed read is retried once; then its error surfaces at the
+waiter. Waits have a timeout, so a stuck read is an error, never a hang. The
 readers spend their time in `os.preadv`, which releases the GIL, so reads overlap the Numba
 kernels (also GIL-free) that compute the experts already present.
 """
@@ -71,6 +72,17 @@ class ReadScheduler:
             if not req.taken and req.priority > DEMAND:
                 req.priority = DEMAND
                 heapq.heappush(self.queue, (DEMAND, next(self.seq), req))
+
+    def cancel(self, req):
+        """Drops a queued read that no one needs any more (a hint the gating did not choose), so
+        the disk's time goes to reads that are needed. -> True if it was dropped before it
+        started (its slot was never written), False if a reader has it or it finished."""
+        with self.lock:
+            if req.taken:
+                return False
+            req.taken = True  # its heap entries become stale
+            del self.pending[req.key]
+            return True
 
     def wait(self, req):
         """Blocks until `req` is read; raises StorageError on a failed or timed-out read.

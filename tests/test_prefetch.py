@@ -47,3 +47,26 @@ def test_demand_before_hints_merging_and_ready_signals():
     assert store.order == [(0, 0), (2, 0), (1, 2), (1, 0), (1, 1)]
     assert r.in_flight == 0 and r.bytes_read == 5 * store.layout.block
     r.close()
+
+
+def test_cancel_drops_only_reads_not_yet_started():
+    store = GatedStore()
+    slab = Slab(store.layout, 8)
+    r = ReadScheduler(store, slab, threads=1, timeout_s=5)
+    first = r.submit((0, 0), 0, HINT)  # taken by the one reader, which then blocks
+    while not store.order:
+        pass
+    queued = [r.submit((1, e), 1 + e, HINT) for e in range(3)]
+    slab.block(2)[:] = 255
+    assert not r.cancel(first)  # in flight: it will finish
+    assert r.cancel(queued[1]) and not r.cancel(queued[1])
+    assert r.in_flight == 3
+    again = r.submit((1, 1), 6, DEMAND)  # a later request for the cancelled expert is a new read
+    assert again is not queued[1]
+    store.gate.set()
+    for req in [first, queued[0], queued[2], again]:
+        r.wait(req)
+    assert store.order == [(0, 0), (1, 1), (1, 0), (1, 2)]
+    assert np.all(slab.block(2) == 255)  # the cancelled read never wrote its slot
+    assert r.bytes_read == 4 * store.layout.block
+    r.close()

@@ -7,6 +7,7 @@ import sys
 
 COMMANDS = {
     "decode": "generate text with a model (default: the bundled model)",
+    "bench": "decode speed of reactive, predictive and oracle expert prefetch side by side",
     "info": "print a model's architecture and the bytes of dense vs expert weights",
     "pack": "write an expert-major packed copy of a model for fast expert reads",
     "train-predictor": "fit the learned expert predictor on calibration text, saved beside the model",

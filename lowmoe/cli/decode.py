@@ -39,7 +39,7 @@ def add_engine_arguments(p):
                    "default: every expert resident")
     p.add_argument("--storage", default=None, choices=("checkpoint", "packed", "ram"),
                    help="slow tier the experts are read from (default: packed if the model folder is packed)")
-    p.add_argument("--readers", type=int, default=None, help="reader threads (default 2)")
+    p.add_argument("--readers", type=int, default=None, help="reader threads (default 1)")
     p.add_argument("--predictor", default=None,
                    choices=("pregate", "learned", "nextgate", "history", "oracle", "none"),
                    help="expert prediction that starts reads early (default: pregate if the checkpoint ships "

@@ -1,0 +1,185 @@
+"""Decode speed of each prefetch strategy, side by side, from one shared context (`lowmoe bench`).
+
+The context (the prompt's KV cache) is built once, by an engine holding every expert, and saved
+in a cache folder keyed by the model and the prompt ids, so later benches skip the prefill. Each
+run then decodes from it with a new engine: a cold expert cache, and cold reads (the packed store
+reads with O_DIRECT; the files of the slow tier are also dropped from the page cache first).
+Strategies run interleaved (A B C A B C ...), so drift in the machine's speed hits each alike.
+
+Strategies: `none` holds every expert (the ceiling without offload), `reactive` reads on demand,
+`oracle` hints the true routing recorded in an untimed first run (the ceiling of prediction at the
+same lookahead), the others are the predictors of `predict/`.
+"""
+
+import glob
+import hashlib
+import os
+import statistics
+import time
+
+import numpy as np
+
+from .engine import Context, Engine
+from .errors import InputError, LowmoeError
+from .model import KVCache
+from .predict.oracle import Oracle, Recorder
+from .slots import aligned_empty
+from .store import is_packed
+
+STRATEGIES = ("none", "reactive", "nextgate", "learned", "pregate", "history", "oracle")
+PROMPT_FILE = "bench_prompt.txt"  # default context text, when the model folder has one
+
+
+def context_ids(engine, prompt_file, n):
+    """The first n token ids of `prompt_file`; without a file, n ids drawn with a fixed seed."""
+    if prompt_file is None:
+        return np.random.default_rng(0).integers(1, engine.config.vocab_size, n).tolist()
+    try:
+        with open(prompt_file, encoding="utf-8") as f:
+            ids = engine.encode(f.read())
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"{prompt_file}: cannot read the context text ({e})") from None
+    if len(ids) < n:
+        raise InputError(f"{prompt_file}: {len(ids)} tokens, fewer than the context of {n}")
+    return ids[:n]
+
+
+def _context_key(engine, ids):
+    """Hash of what the KV cache depends on: the model's files (names, sizes, times) and the ids."""
+    h = hashlib.sha256(os.path.realpath(engine.model_dir).encode())
+    for path in sorted(glob.glob(os.path.join(engine.model_dir, "*"))):
+        st = os.stat(path)
+        h.update(f"{os.path.basename(path)}:{st.st_size}:{st.st_mtime_ns}".encode())
+    h.update(np.asarray(ids, np.int64).tobytes())
+    return h.hexdigest()[:24]
+
+
+def load_context(engine, ids, room, cache_dir, progress=None):
+    """The Context of `ids` with KV room for `room` tokens: from `cache_dir` when saved there by
+    an earlier bench, else prefilled (512 tokens at a time) and saved. -> (context, loaded)."""
+    cfg = engine.config
+    path = None if cache_dir is None else os.path.join(cache_dir, f"context-{_context_key(engine, ids)}.npz")
+    if path is not None and os.path.isfile(path):
+        with np.load(path) as saved:
+            kv = KVCache(cfg, len(ids) + room)
+            for i in range(cfg.num_layers):
+                kv.k[i][:, : len(ids)] = saved[f"k{i}"]
+                kv.v[i][:, : len(ids)] = saved[f"v{i}"]
+            return Context(kv, saved["logits"], len(ids)), True
+    context = engine.prefill(ids, room, chunk=512, progress=progress)
+    if path is not None:
+        os.makedirs(cache_dir, exist_ok=True)
+        arrays = {"logits": context.logits}
+        for i in range(cfg.num_layers):
+            arrays[f"k{i}"] = context.kv.k[i][:, : len(ids)]
+            arrays[f"v{i}"] = context.kv.v[i][:, : len(ids)]
+        np.savez(path + ".tmp.npz", **arrays)  # written whole, then renamed: never half a file
+        os.replace(path + ".tmp.npz", path)
+    return context, False
+
+
+def expert_files(model_dir):
+    """The files the slow tier reads experts from."""
+    if is_packed(model_dir):
+        return [os.path.join(model_dir, "experts.bin")]
+    return sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
+
+
+def drop_page_cache(paths):
+    """Asks the kernel to drop the files' cached pages, so that buffered reads start cold."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def read_bandwidth(path, block, seconds=2.0):
+    """GB/s of one reader reading `block`-byte pieces of `path` at random aligned offsets with
+    O_DIRECT (buffered where refused): the slow tier's speed as the engine's readers see it."""
+    buf = aligned_empty(block)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    except OSError:
+        fd = os.open(path, os.O_RDONLY)
+    rng, pieces = np.random.default_rng(0), max(1, os.path.getsize(path) // block)
+    done, t0 = 0, time.perf_counter()
+    try:
+        while time.perf_counter() - t0 < seconds:
+            done += os.preadv(fd, [memoryview(buf)], int(rng.integers(pieces)) * block)
+    finally:
+        os.close(fd)
+    return done / (time.perf_counter() - t0) / 1e9
+
+
+class Bench:
+    """Runs strategies from one context. `options`: engine options for the offloaded runs
+    (expert_cache, storage, readers, lookahead)."""
+
+    def __init__(self, model_dir, context, resident, new_tokens, options):
+        self.model_dir = model_dir
+        self.context = context
+        self.resident = resident  # Engine with every expert: the `none` runs and the reference
+        self.new_tokens = new_tokens
+        self.options = options
+        recorder = Recorder(resident.config)
+        resident.model.predictor = recorder  # untimed first run: reference tokens and true routing
+        self.reference = list(resident.stream_from(context, new_tokens, stop_at_eos=False))
+        resident.model.predictor = None
+        self.routes = recorder.routes
+
+    def run(self, strategy):
+        """One decode of `new_tokens` -> its stats (decode_tok_s, stall_s, bytes_read, ...)."""
+        if strategy == "none":
+            return self._decode(self.resident)
+        predictor = "none" if strategy in ("reactive", "oracle") else strategy
+        drop_page_cache(expert_files(self.model_dir))
+        with Engine.from_pretrained(self.model_dir, predictor=predictor, **self.options) as engine:
+            if strategy == "oracle":
+                engine.model.predictor = Oracle(engine.config, self.routes, engine.options.lookahead)
+            return self._decode(engine)
+
+    def _decode(self, engine):
+        stats = {}
+        tokens = list(engine.stream_from(self.context, self.new_tokens, stop_at_eos=False, stats=stats))
+        if tokens != self.reference:
+            raise LowmoeError(f"{self.model_dir}: decoded tokens differ from the resident run's "
+                              "(prediction and caching must never change output): a bug, please report it")
+        stats["decode_tok_s"] = stats["decode_tokens"] / stats["decode_s"]
+        return stats
+
+
+def summarize(runs):
+    """{strategy: [stats of each run]} -> {strategy: the JSON fields of `lowmoe bench`}."""
+    out = {}
+    for name, stats in runs.items():
+        tok_s = [s["decode_tok_s"] for s in stats]
+        row = {
+            "decode_tok_s": statistics.median(tok_s),
+            "stall_fraction": statistics.median(s.get("stall_s", 0.0) / s["decode_s"] for s in stats),
+            "topk_recall": None if name in ("none", "reactive") else stats[0]["topk_recall"],
+            "prefetch_hit_rate": stats[0].get("prefetch_hit_rate", 0.0),
+            "cache_hit_rate": stats[0].get("cache_hit_rate", 1.0),
+            "bytes_per_token": statistics.median(s.get("bytes_read", 0) / s["decode_tokens"] for s in stats),
+            "runs": tok_s,
+        }
+        out[name] = row
+    base = out.get("reactive", {}).get("decode_tok_s")
+    for row in out.values():
+        row["ratio_to_reactive"] = row["decode_tok_s"] / base if base else None
+    return out
+
+
+def check_strategies(names, model_dir, has_learned, has_heads):
+    """Validates the --strategies list; a predictor the model lacks is a one-line error."""
+    for name in names:
+        if name not in STRATEGIES:
+            raise InputError(f"strategy {name!r}: expected some of {', '.join(STRATEGIES)}")
+        if name == "learned" and not has_learned:
+            raise InputError(f"strategy 'learned': {model_dir} has no moe_predictor.safetensors; "
+                             f"run `lowmoe train-predictor {model_dir}` or leave it out")
+        if name == "pregate" and not has_heads:
+            raise InputError(f"strategy 'pregate': {model_dir} has no pre-gate heads; leave it out")
+    if len(set(names)) != len(names):
+        raise InputError(f"strategies repeat a name: {','.join(names)}")

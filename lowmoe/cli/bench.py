@@ -1,0 +1,112 @@
+"""`lowmoe bench MODEL`: decode tok/s of reactive, predictive and oracle prefetch side by side, at a
+long context with the expert cache at a fraction of the experts (see lowmoe/bench.py)."""
+
+import json
+import os
+import sys
+
+
+def add_arguments(p):
+    p.add_argument("model", nargs="?", default=None, help="model folder (default: the bundled model)")
+    p.add_argument("--context", type=int, default=8192, help="context tokens before decoding (default 8192)")
+    p.add_argument("--new-tokens", type=int, default=64, help="tokens decoded per run (default 64)")
+    p.add_argument("--expert-cache", default="50%", metavar="BUDGET", help="cache budget (25%%, 1.5GiB, min; default 50%%)")
+    p.add_argument("--strategies", default=None,
+                   help="comma-separated, run interleaved: none, reactive, nextgate, learned, pregate, history, "
+                   "oracle (default: all the model supports)")
+    p.add_argument("--storage", default=None, choices=("checkpoint", "packed", "ram"),
+                   help="slow tier (default: packed if the folder is packed, else checkpoint)")
+    p.add_argument("--repeats", type=int, default=3, help="runs of each strategy (default 3); the median is reported")
+    p.add_argument("--lookahead", type=int, default=None, choices=(1, 2), help="MoE layers ahead hints cover (default 1)")
+    p.add_argument("--readers", type=int, default=None, help="reader threads (default 1)")
+    p.add_argument("--prompt-file", default=None, metavar="TEXTFILE",
+                   help="context text (default: MODEL/bench_prompt.txt if present, else random token ids)")
+    p.add_argument("--context-cache", default=os.path.join(os.path.expanduser("~"), ".cache", "lowmoe", "contexts"),
+                   metavar="DIR", help="where built contexts are kept for later benches ('none': keep nothing)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+
+
+def main(args):
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from lowmoe import DEFAULT_MODEL, Engine
+    from lowmoe.bench import PROMPT_FILE, STRATEGIES, Bench, check_strategies, context_ids, expert_files
+    from lowmoe.bench import load_context, read_bandwidth, summarize
+    from lowmoe.budget import plan_cache
+    from lowmoe.config import EngineConfig
+    from lowmoe.errors import InputError
+    from lowmoe.predict.learned import FILENAME
+    from lowmoe.predict.pregate import has_heads
+
+    model = args.model or DEFAULT_MODEL
+    for name, value, least in (("--context", args.context, 1), ("--new-tokens", args.new_tokens, 2),
+                               ("--repeats", args.repeats, 1)):
+        if value < least:
+            raise InputError(f"{name} must be >= {least}, got {value}")
+    err = Console(stderr=True)
+    resident = Engine.from_pretrained(model, storage=args.storage)
+    try:
+        learned = os.path.isfile(os.path.join(model, FILENAME))
+        heads = has_heads(resident.model.w)
+        if args.strategies is None:
+            names = [s for s in STRATEGIES if (s != "learned" or learned) and (s != "pregate" or heads)]
+        else:
+            names = [s.strip() for s in args.strategies.split(",") if s.strip()]
+        check_strategies(names, model, learned, heads)
+        prompt = args.prompt_file
+        if prompt is None and os.path.isfile(os.path.join(model, PROMPT_FILE)):
+            prompt = os.path.join(model, PROMPT_FILE)
+        ids = context_ids(resident, prompt, args.context)
+        options = dict(expert_cache=args.expert_cache, storage=args.storage, readers=args.readers,
+                       lookahead=args.lookahead)
+        EngineConfig.from_options(**options)  # bad options fail here, not after the prefill
+        plan_cache(args.expert_cache, resident.config, resident.model.experts.slab.layout.block)
+        cache_dir = None if args.context_cache == "none" else args.context_cache
+        with Progress(console=err, transient=True) as bar:
+            task = bar.add_task(f"prefill {args.context} tokens", total=args.context)
+            context, loaded = load_context(resident, ids, args.new_tokens, cache_dir,
+                                           lambda done, total: bar.update(task, completed=done))
+        bench = Bench(model, context, resident, args.new_tokens, options)
+        files = expert_files(model)
+        disk = read_bandwidth(files[-1], 16 << 20) if args.storage in (None, "packed") and len(files) == 1 else None
+        runs = {n: [] for n in names}
+        with Progress(console=err, transient=True) as bar:
+            task = bar.add_task("runs", total=args.repeats * len(names))
+            for r in range(args.repeats):
+                for n in names:  # interleaved: A B C A B C ...
+                    bar.update(task, description=f"{n} (repeat {r + 1}/{args.repeats})")
+                    runs[n].append(bench.run(n))
+                    bar.advance(task)
+    finally:
+        resident.close()
+    result = {"model": model, "context": args.context, "expert_cache": args.expert_cache,
+              "storage": args.storage or ("packed" if files[0].endswith("experts.bin") else "checkpoint"),
+              "new_tokens": args.new_tokens, "repeats": args.repeats, "context_from_cache": loaded,
+              "read_gb_s": disk, "strategies": summarize(runs)}
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    _print_table(result, Console(width=None if sys.stdout.isatty() else 132))
+    return 0
+
+
+def _print_table(result, console):
+    from rich.table import Table
+
+    disk = f", slow tier {result['read_gb_s']:.2f} GB/s (one reader, 16 MiB O_DIRECT)" if result["read_gb_s"] else ""
+    table = Table(title=f"{result['model']}: context {result['context']}, expert cache {result['expert_cache']}, "
+                  f"{result['storage']} store{disk}, {result['new_tokens']} new tokens x {result['repeats']}",
+                  caption="stall: share of decode time spent waiting for expert reads; recall: |predicted top-k ∩ "
+                  "chosen| / k; prefetch hits / cache hits: chosen experts a hint had read (or was reading) / that "
+                  "were cached")
+    for col in ("strategy", "tok/s", "vs reactive", "stall", "recall", "prefetch hits", "cache hits", "MB/token",
+                "runs (tok/s)"):
+        table.add_column(col, justify="left" if col == "strategy" else "right")
+    for name, s in result["strategies"].items():
+        table.add_row(name, f"{s['decode_tok_s']:.2f}",
+                      "-" if s["ratio_to_reactive"] is None else f"{s['ratio_to_reactive']:.2f}x",
+                      f"{s['stall_fraction']:.2f}", "-" if s["topk_recall"] is None else f"{s['topk_recall']:.1%}",
+                      f"{s['prefetch_hit_rate']:.1%}", f"{s['cache_hit_rate']:.1%}", f"{s['bytes_per_token'] / 1e6:.1f}",
+                      " ".join(f"{t:.2f}" for t in s["runs"]))
+    console.print(table)

@@ -1,0 +1,105 @@
+"""`lowmoe bench` and the reusable prefilled Context it stands on: exact invariants only (the
+bench's speeds are measurements, never asserted)."""
+
+import json
+
+import numpy as np
+import pytest
+
+import lowmoe
+from lowmoe.bench import load_context, summarize
+from lowmoe.cli.__main__ import main as cli
+
+IDS = [int(t) for t in np.random.default_rng(3).integers(1, 4096, 40)]
+
+
+@pytest.fixture(scope="module")
+def engine():
+    with lowmoe.Engine.from_pretrained() as e:
+        yield e
+
+
+def test_chunked_prefill_is_bitwise_one_shot(engine):
+    whole = engine.prefill(IDS, room=8)
+    chunked = engine.prefill(IDS, room=8, chunk=7)
+    assert np.array_equal(whole.logits, chunked.logits)
+    for i in range(engine.config.num_layers):
+        assert np.array_equal(whole.kv.k[i][:, : len(IDS)], chunked.kv.k[i][:, : len(IDS)])
+        assert np.array_equal(whole.kv.v[i][:, : len(IDS)], chunked.kv.v[i][:, : len(IDS)])
+
+
+def test_a_context_serves_many_decodes(engine):
+    expected = engine.generate(IDS, 12, stop_at_eos=False).tokens
+    context = engine.prefill(IDS, room=12)
+    for _ in range(2):  # the second decode must not see the first one's positions
+        assert list(engine.stream_from(context, 12, stop_at_eos=False)) == expected
+
+
+def test_context_cache_round_trip(engine, tmp_path):
+    built, loaded = load_context(engine, IDS, 4, str(tmp_path))
+    again, loaded_again = load_context(engine, IDS, 4, str(tmp_path))
+    assert (loaded, loaded_again) == (False, True)
+    assert np.array_equal(built.logits, again.logits) and again.length == len(IDS)
+    for i in range(engine.config.num_layers):
+        assert np.array_equal(built.kv.k[i][:, : len(IDS)], again.kv.k[i][:, : len(IDS)])
+        assert np.array_equal(built.kv.v[i][:, : len(IDS)], again.kv.v[i][:, : len(IDS)])
+    other, loaded_other = load_context(engine, IDS[:-1], 4, str(tmp_path))  # other ids: another key
+    assert not loaded_other and other.length == len(IDS) - 1
+
+
+def test_summarize_medians_and_ratios():
+    def run(tok_s, stall, nbytes, tokens=4):
+        decode_s = tokens / tok_s
+        return {"decode_tok_s": tok_s, "decode_s": decode_s, "decode_tokens": tokens, "stall_s": stall * decode_s,
+                "bytes_read": nbytes, "topk_recall": 0.75, "prefetch_hit_rate": 0.5, "cache_hit_rate": 0.25}
+
+    out = summarize({"reactive": [run(2.0, 0.5, 400), run(4.0, 0.3, 800), run(3.0, 0.4, 1200)],
+                     "oracle": [run(6.0, 0.1, 400), run(9.0, 0.0, 400), run(5.0, 0.2, 400)]})
+    r, o = out["reactive"], out["oracle"]
+    assert (r["decode_tok_s"], r["ratio_to_reactive"], r["topk_recall"]) == (3.0, 1.0, None)
+    assert (o["decode_tok_s"], o["ratio_to_reactive"], o["topk_recall"]) == (6.0, 2.0, 0.75)
+    assert r["bytes_per_token"] == 200 and o["bytes_per_token"] == 100
+    assert r["stall_fraction"] == pytest.approx(0.4) and o["stall_fraction"] == pytest.approx(0.1)
+    assert r["runs"] == [2.0, 4.0, 3.0]
+
+
+def test_bench_json(tmp_path, capsys):
+    """Every strategy decodes the resident run's tokens (the bench refuses otherwise); the oracle's
+    recall is exactly 1; reactive reads every miss itself; `none` reads nothing."""
+    args = ["bench", "--context", "48", "--new-tokens", "6", "--repeats", "2", "--expert-cache", "25%",
+            "--context-cache", str(tmp_path), "--json"]
+    assert cli(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["context"], out["expert_cache"], out["context_from_cache"]) == (48, "25%", False)
+    s = out["strategies"]
+    assert list(s) == ["none", "reactive", "nextgate", "history", "oracle"]
+    for name, row in s.items():
+        assert len(row["runs"]) == 2 and row["decode_tok_s"] == (row["runs"][0] + row["runs"][1]) / 2
+        assert set(row) >= {"decode_tok_s", "ratio_to_reactive", "stall_fraction", "topk_recall",
+                            "prefetch_hit_rate", "bytes_per_token", "runs"}
+    assert s["reactive"]["ratio_to_reactive"] == 1.0 and s["reactive"]["prefetch_hit_rate"] == 0.0
+    assert s["oracle"]["topk_recall"] == 1.0
+    assert s["none"]["bytes_per_token"] == 0 and s["reactive"]["bytes_per_token"] > 0
+    assert cli(args + ["--strategies", "reactive,oracle", "--repeats", "1"]) == 0
+    assert json.loads(capsys.readouterr().out)["context_from_cache"] is True
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--strategies", "reactive,psychic"], "strategy 'psychic'"),
+    (["--strategies", "learned"], "moe_predictor.safetensors"),
+    (["--strategies", "pregate"], "no pre-gate heads"),
+    (["--context", "0"], "--context must be >= 1"),
+    (["--expert-cache", "lots"], "lots"),
+])
+def test_bench_bad_input_is_one_line(extra, message, tmp_path, capsys):
+    assert cli(["bench", "--context", "16", "--new-tokens", "2", "--context-cache", "none"] + extra) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err
+
+
+def test_bench_prompt_file_too_short(tmp_path, capsys):
+    prompt = tmp_path / "short.txt"
+    prompt.write_text("In the beginning")
+    assert cli(["bench", "--context", "500", "--prompt-file", str(prompt), "--context-cache", "none"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert str(prompt) in err and "fewer than the context of 500" in err
