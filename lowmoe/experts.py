@@ -18,6 +18,8 @@ from .prefetch import DEMAND, HINT, ReadScheduler
 from .slots import Slab
 from .trace import LayerEvent
 
+RANK_PRECISION = 0.8  # see OffloadedExperts.hint_width
+
 
 def _expert_out(ffn, u, rows):
     """One expert applied to the token rows that chose it: f32[len(rows), D]."""
@@ -107,17 +109,19 @@ class OffloadedExperts:
         self.releasing = {}  # key -> Request of a hint the gating did not choose; slot freed once read
         self.predicted = {}  # layer -> experts ranked by the predictor for this token
         self.on_event = None  # callable(LayerEvent) for each decode layer, e.g. a trace sink
+        # How often the predictor's r-th most likely expert was then chosen, for hint_width().
+        self.rank_right = np.zeros(cfg.top_k, np.int64)
+        self.rank_seen = 0
         self.token = 0  # decode step, set by the engine
         self.reset_stats()
 
     def hint(self, layer, ranked):
-        """Starts reads of the predicted top-k experts of `layer` that are not cached, most likely
-        first, into free staging slots. Evicts nothing: the cache changes only when the gating
-        fires. Hints stop at the top k: a read of a less likely expert competes for the disk
-        with the demand reads (measured: the oracle read 2.5x the bytes of the reactive run)."""
+        """Starts reads of the most likely experts of `layer` (see hint_width) that are not cached,
+        most likely first, into free staging slots. Evicts nothing: the cache changes only when
+        the gating fires."""
         self._sweep()
         self.predicted[layer] = ranked
-        for e in ranked[: self.cfg.top_k]:
+        for e in ranked[: self.hint_width()]:
             key = (layer, int(e))
             if key in self.cache or key in self.staged:
                 continue
@@ -128,6 +132,19 @@ class OffloadedExperts:
             if slot is None:
                 break
             self.staged[key] = self.reader.submit(key, slot, HINT)
+
+    def hint_width(self):
+        """How many of the predicted experts to read: the leading ranks (at most top-k) whose
+        predictions have come true at least RANK_PRECISION of the time so far. When the disk is
+        the bottleneck, a wrong hint costs a whole read of disk time that a needed expert waits
+        behind, while a right one only moves a read earlier. Measured at 8K context and 25-50%
+        cache: the learned predictor's ranks came true 99/96/88/69% of the time, and hinting
+        the first three beat hinting all four; reading beyond the top k lost even for the oracle."""
+        k = self.cfg.top_k
+        if self.rank_seen < 32:  # too few predictions to judge: trust them
+            return k
+        precise = self.rank_right >= RANK_PRECISION * self.rank_seen
+        return max(1, k if precise.all() else int(np.argmin(precise)))
 
     def _sweep(self):
         """Returns the staging slots of unchosen hints whose reads have finished. One still in
@@ -156,6 +173,8 @@ class OffloadedExperts:
         ranked = self.predicted.pop(layer, None)
         if ranked is not None and idx.shape[0] == 1:
             k = self.cfg.top_k
+            self.rank_seen += 1
+            self.rank_right += [int(e) in rows for e in ranked[:k]]
             st.predictions += 1
             st.recall_k += len(set(ranked[:k].tolist()) & set(rows)) / k
             st.recall_2k += len(set(ranked[: 2 * k].tolist()) & set(rows)) / k

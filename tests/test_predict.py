@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import lowmoe
+from lowmoe.predict.oracle import Oracle, Recorder
 
 PROMPT = [5, 17, 300, 42, 9, 77, 1000, 3, 12, 250, 8, 64]
 NEW = 16
@@ -126,3 +127,32 @@ def test_lookahead_two_hints_two_layers_ahead(reference):
         assert e.model.predictor.predict(layers[-2], np.ones((1, e.config.hidden_size), np.float32), None)[0][0] == layers[-1]
         gen = e.generate(PROMPT, NEW, stop_at_eos=False)
     assert gen.tokens == reference[0] and gen.stats["prefetched"] > 0
+
+
+class LastRankWrong:
+    """The true routing (from a Recorder run) in its first k-1 ranks, and an expert that was not
+    chosen in the last rank: ranks 1..k-1 always come true, rank k never."""
+
+    def __init__(self, cfg, routes):
+        self.oracle = Oracle(cfg, routes)
+
+    def predict(self, layer, h, chosen):
+        hints = []
+        for later, ranked in self.oracle.predict(layer, h, chosen):
+            k = len(chosen)
+            hints.append((later, np.concatenate([ranked[: k - 1], ranked[k:], ranked[k - 1 : k]])))
+        return hints
+
+
+def test_hints_narrow_to_the_ranks_that_come_true():
+    with lowmoe.Engine.from_pretrained(expert_cache="100%", predictor="none") as e:
+        e.model.predictor = recorder = Recorder(e.config)
+        expected = e.generate(PROMPT, NEW, stop_at_eos=False).tokens
+    with lowmoe.Engine.from_pretrained(expert_cache="25%", predictor="none") as e:
+        ex, k = e.model.experts, e.config.top_k
+        e.model.predictor = LastRankWrong(e.config, recorder.routes)
+        assert ex.hint_width() == k  # no evidence yet: every rank is trusted
+        assert e.generate(PROMPT, NEW, stop_at_eos=False).tokens == expected
+        seen = (NEW - 1) * (len(e.config.moe_layers) - 1)
+        assert ex.rank_seen == seen and ex.rank_right.tolist() == [seen] * (k - 1) + [0]
+        assert ex.hint_width() == k - 1
