@@ -128,20 +128,24 @@ class Bench:
         self.reference = list(resident.stream_from(context, new_tokens, stop_at_eos=False))
         resident.model.predictor = None
         self.routes = recorder.routes
-        # Untimed: the process's first offloaded run was measured up to 35% slower than the
-        # next ones whatever its strategy, which would penalise the strategy that runs first.
-        self.run("reactive")
+        self.files = expert_files(model_dir)
+        self.block = resident.model.experts.slab.layout.block
 
     def run(self, strategy):
         """One decode of `new_tokens` -> its stats (decode_tok_s, stall_s, bytes_read, ...)."""
         if strategy == "none":
             return self._decode(self.resident)
         predictor = "none" if strategy in ("reactive", "oracle") else strategy
-        drop_page_cache(expert_files(self.model_dir))
+        drop_page_cache(self.files)
+        # Reads right after the disk sat idle for a few seconds (as it does during a `none` run)
+        # were measured 2x slower on this VM's disk, whichever strategy came next. A second of
+        # reads first puts every run in the state of a decode that keeps the disk busy, and
+        # measures the disk's speed for this run.
+        disk = read_bandwidth(max(self.files, key=os.path.getsize), self.block, seconds=1.0)
         with Engine.from_pretrained(self.model_dir, predictor=predictor, **self.options) as engine:
             if strategy == "oracle":
                 engine.model.predictor = Oracle(engine.config, self.routes, engine.options.lookahead)
-            return self._decode(engine)
+            return dict(self._decode(engine), disk_gb_s=disk)
 
     def _decode(self, engine):
         stats = {}
@@ -165,6 +169,7 @@ def summarize(runs):
             "prefetch_hit_rate": stats[0].get("prefetch_hit_rate", 0.0),
             "cache_hit_rate": stats[0].get("cache_hit_rate", 1.0),
             "bytes_per_token": statistics.median(s.get("bytes_read", 0) / s["decode_tokens"] for s in stats),
+            "disk_gb_s": statistics.median(s["disk_gb_s"] for s in stats) if "disk_gb_s" in stats[0] else None,
             "runs": tok_s,
         }
         out[name] = row

@@ -80,6 +80,7 @@ def test_bench_json(tmp_path, capsys):
     assert s["reactive"]["ratio_to_reactive"] == 1.0 and s["reactive"]["prefetch_hit_rate"] == 0.0
     assert s["oracle"]["topk_recall"] == 1.0
     assert s["none"]["bytes_per_token"] == 0 and s["reactive"]["bytes_per_token"] > 0
+    assert s["none"]["disk_gb_s"] is None and all(s[n]["disk_gb_s"] > 0 for n in s if n != "none")
     assert cli(args + ["--strategies", "reactive,oracle", "--repeats", "1"]) == 0
     assert json.loads(capsys.readouterr().out)["context_from_cache"] is True
 

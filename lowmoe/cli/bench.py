@@ -31,13 +31,13 @@ def main(args):
     from rich.progress import Progress
 
     from lowmoe import DEFAULT_MODEL, Engine
-    from lowmoe.bench import PROMPT_FILE, STRATEGIES, Bench, check_strategies, context_ids, expert_files
-    from lowmoe.bench import load_context, read_bandwidth, summarize
+    from lowmoe.bench import PROMPT_FILE, STRATEGIES, Bench, check_strategies, context_ids, load_context, summarize
     from lowmoe.budget import plan_cache
     from lowmoe.config import EngineConfig
     from lowmoe.errors import InputError
     from lowmoe.predict.learned import FILENAME
     from lowmoe.predict.pregate import has_heads
+    from lowmoe.store import is_packed
 
     model = args.model or DEFAULT_MODEL
     for name, value, least in (("--context", args.context, 1), ("--new-tokens", args.new_tokens, 2),
@@ -68,8 +68,6 @@ def main(args):
             context, loaded = load_context(resident, ids, args.new_tokens, cache_dir,
                                            lambda done, total: bar.update(task, completed=done))
         bench = Bench(model, context, resident, args.new_tokens, options)
-        files = expert_files(model)
-        disk = read_bandwidth(files[-1], 16 << 20) if args.storage in (None, "packed") and len(files) == 1 else None
         runs = {n: [] for n in names}
         with Progress(console=err, transient=True) as bar:
             task = bar.add_task("runs", total=args.repeats * len(names))
@@ -81,9 +79,9 @@ def main(args):
     finally:
         resident.close()
     result = {"model": model, "context": args.context, "expert_cache": args.expert_cache,
-              "storage": args.storage or ("packed" if files[0].endswith("experts.bin") else "checkpoint"),
+              "storage": args.storage or ("packed" if is_packed(model) else "checkpoint"),
               "new_tokens": args.new_tokens, "repeats": args.repeats, "context_from_cache": loaded,
-              "read_gb_s": disk, "strategies": summarize(runs)}
+              "strategies": summarize(runs)}
     if args.json:
         print(json.dumps(result))
         return 0
@@ -94,19 +92,18 @@ def main(args):
 def _print_table(result, console):
     from rich.table import Table
 
-    disk = f", slow tier {result['read_gb_s']:.2f} GB/s (one reader, 16 MiB O_DIRECT)" if result["read_gb_s"] else ""
     table = Table(title=f"{result['model']}: context {result['context']}, expert cache {result['expert_cache']}, "
-                  f"{result['storage']} store{disk}, {result['new_tokens']} new tokens x {result['repeats']}",
+                  f"{result['storage']} store, {result['new_tokens']} new tokens x {result['repeats']}",
                   caption="stall: share of decode time spent waiting for expert reads; recall: |predicted top-k ∩ "
                   "chosen| / k; prefetch hits / cache hits: chosen experts a hint had read (or was reading) / that "
-                  "were cached")
+                  "were cached; disk GB/s: one reader's speed in the second before each run")
     for col in ("strategy", "tok/s", "vs reactive", "stall", "recall", "prefetch hits", "cache hits", "MB/token",
-                "runs (tok/s)"):
+                "disk GB/s", "runs (tok/s)"):
         table.add_column(col, justify="left" if col == "strategy" else "right")
     for name, s in result["strategies"].items():
         table.add_row(name, f"{s['decode_tok_s']:.2f}",
                       "-" if s["ratio_to_reactive"] is None else f"{s['ratio_to_reactive']:.2f}x",
                       f"{s['stall_fraction']:.2f}", "-" if s["topk_recall"] is None else f"{s['topk_recall']:.1%}",
                       f"{s['prefetch_hit_rate']:.1%}", f"{s['cache_hit_rate']:.1%}", f"{s['bytes_per_token'] / 1e6:.1f}",
-                      " ".join(f"{t:.2f}" for t in s["runs"]))
+                      "-" if s["disk_gb_s"] is None else f"{s['disk_gb_s']:.2f}", " ".join(f"{t:.2f}" for t in s["runs"]))
     console.print(table)
