@@ -4,7 +4,8 @@ The context (the prompt's KV cache) is built once, by an engine holding every ex
 in a cache folder keyed by the model and the prompt ids, so later benches skip the prefill. Each
 run then decodes from it with a new engine: a cold expert cache, and cold reads (the packed store
 reads with O_DIRECT; the files of the slow tier are also dropped from the page cache first).
-Strategies run interleaved (A B C A B C ...), so drift in the machine's speed hits each alike.
+Strategies run interleaved (A B C A B C ...), so drift in the machine's speed hits each alike
+(see `schedule`).
 
 Strategies: `none` holds every expert (the ceiling without offload), `reactive` reads on demand,
 `oracle` hints the true routing recorded in an untimed first run (the ceiling of prediction at the
@@ -15,6 +16,7 @@ import glob
 import hashlib
 import os
 import statistics
+import threading
 import time
 
 import numpy as np
@@ -95,22 +97,32 @@ def drop_page_cache(paths):
             os.close(fd)
 
 
-def read_bandwidth(path, block, seconds=2.0):
-    """GB/s of one reader reading `block`-byte pieces of `path` at random aligned offsets with
-    O_DIRECT (buffered where refused): the slow tier's speed as the engine's readers see it."""
-    buf = aligned_empty(block)
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-    except OSError:
-        fd = os.open(path, os.O_RDONLY)
-    rng, pieces = np.random.default_rng(0), max(1, os.path.getsize(path) // block)
-    done, t0 = 0, time.perf_counter()
-    try:
-        while time.perf_counter() - t0 < seconds:
-            done += os.preadv(fd, [memoryview(buf)], int(rng.integers(pieces)) * block)
-    finally:
-        os.close(fd)
-    return done / (time.perf_counter() - t0) / 1e9
+def read_bandwidth(path, block, seconds=2.0, threads=1):
+    """GB/s of `threads` readers reading `block`-byte pieces of `path` at random aligned offsets
+    with O_DIRECT (buffered where refused): the slow tier's speed as the engine's readers see it."""
+    pieces = max(1, os.path.getsize(path) // block)
+    done = [0] * threads
+
+    def reader(i):
+        buf = aligned_empty(block)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+        except OSError:
+            fd = os.open(path, os.O_RDONLY)
+        rng = np.random.default_rng(i)
+        try:
+            while time.perf_counter() - t0 < seconds:
+                done[i] += os.preadv(fd, [memoryview(buf)], int(rng.integers(pieces)) * block)
+        finally:
+            os.close(fd)
+
+    t0 = time.perf_counter()
+    pool = [threading.Thread(target=reader, args=(i,)) for i in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    return sum(done) / (time.perf_counter() - t0) / 1e9
 
 
 class Bench:
@@ -137,11 +149,7 @@ class Bench:
             return self._decode(self.resident)
         predictor = "none" if strategy in ("reactive", "oracle") else strategy
         drop_page_cache(self.files)
-        # Reads right after the disk sat idle for a few seconds (as it does during a `none` run)
-        # were measured 2x slower on this VM's disk, whichever strategy came next. A second of
-        # reads first puts every run in the state of a decode that keeps the disk busy, and
-        # measures the disk's speed for this run.
-        disk = read_bandwidth(max(self.files, key=os.path.getsize), self.block, seconds=1.0)
+        disk = read_bandwidth(max(self.files, key=os.path.getsize), self.block, seconds=1.0)  # this run's disk
         with Engine.from_pretrained(self.model_dir, predictor=predictor, **self.options) as engine:
             if strategy == "oracle":
                 engine.model.predictor = Oracle(engine.config, self.routes, engine.options.lookahead)
@@ -155,6 +163,20 @@ class Bench:
                               "(prediction and caching must never change output): a bug, please report it")
         stats["decode_tok_s"] = stats["decode_tokens"] / stats["decode_s"]
         return stats
+
+
+def schedule(names, repeats):
+    """The order of the runs: [(strategy, repeat)], repeat None for an untimed run. Every `none`
+    run comes first (it reads nothing), then one untimed offloaded run, then the offloaded
+    strategies interleaved, A B C A B C ... On this VM an offloaded run that came after seconds
+    without disk reads (a `none` run, or a pause) decoded up to 2x slower whatever its strategy,
+    even after a second of reads; placed this way, no timed run follows such a gap."""
+    order = [("none", r) for r in range(repeats)] if "none" in names else []
+    offloaded = [n for n in names if n != "none"]
+    if offloaded:
+        order.append((offloaded[0], None))
+        order += [(n, r) for r in range(repeats) for n in offloaded]
+    return order
 
 
 def summarize(runs):

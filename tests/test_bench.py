@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import lowmoe
-from lowmoe.bench import load_context, summarize
+from lowmoe.bench import load_context, schedule, summarize
 from lowmoe.cli.__main__ import main as cli
 
 IDS = [int(t) for t in np.random.default_rng(3).integers(1, 4096, 40)]
@@ -61,6 +61,13 @@ def test_summarize_medians_and_ratios():
     assert r["bytes_per_token"] == 200 and o["bytes_per_token"] == 100
     assert r["stall_fraction"] == pytest.approx(0.4) and o["stall_fraction"] == pytest.approx(0.1)
     assert r["runs"] == [2.0, 4.0, 3.0]
+
+
+def test_schedule_puts_no_timed_run_after_a_none_run():
+    assert schedule(["none", "reactive", "oracle"], 2) == [
+        ("none", 0), ("none", 1), ("reactive", None), ("reactive", 0), ("oracle", 0), ("reactive", 1), ("oracle", 1)]
+    assert schedule(["oracle"], 1) == [("oracle", None), ("oracle", 0)]
+    assert schedule(["none"], 2) == [("none", 0), ("none", 1)]
 
 
 def test_bench_json(tmp_path, capsys):

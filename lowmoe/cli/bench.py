@@ -31,7 +31,8 @@ def main(args):
     from rich.progress import Progress
 
     from lowmoe import DEFAULT_MODEL, Engine
-    from lowmoe.bench import PROMPT_FILE, STRATEGIES, Bench, check_strategies, context_ids, load_context, summarize
+    from lowmoe.bench import PROMPT_FILE, STRATEGIES, Bench, check_strategies, context_ids, load_context, schedule
+    from lowmoe.bench import summarize
     from lowmoe.budget import plan_cache
     from lowmoe.config import EngineConfig
     from lowmoe.errors import InputError
@@ -70,12 +71,14 @@ def main(args):
         bench = Bench(model, context, resident, args.new_tokens, options)
         runs = {n: [] for n in names}
         with Progress(console=err, transient=True) as bar:
-            task = bar.add_task("runs", total=args.repeats * len(names))
-            for r in range(args.repeats):
-                for n in names:  # interleaved: A B C A B C ...
-                    bar.update(task, description=f"{n} (repeat {r + 1}/{args.repeats})")
-                    runs[n].append(bench.run(n))
-                    bar.advance(task)
+            order = schedule(names, args.repeats)
+            task = bar.add_task("runs", total=len(order))
+            for n, r in order:
+                bar.update(task, description=f"{n} ({'untimed' if r is None else f'repeat {r + 1}/{args.repeats}'})")
+                stats = bench.run(n)
+                if r is not None:
+                    runs[n].append(stats)
+                bar.advance(task)
     finally:
         resident.close()
     result = {"model": model, "context": args.context, "expert_cache": args.expert_cache,
