@@ -3,9 +3,9 @@
     python tools/bench_disk.py FILE [--blocks 4MiB,16MiB] [--threads 1,2,4] [--seconds 3]
 
 Random aligned O_DIRECT reads of FILE (e.g. a packed model's experts.bin), as the engine's reader
-threads do them; each setting twice, alternated, so that drift shows. On the 2-core VM of
-docs/performance.md, two readers together read about half as fast as one: the engine's default
-is one reader (`--readers`).
+threads do them; each setting twice, alternated, so that drift shows. On the VM of
+docs/performance.md a second reader was never faster than one (at times it halved the total),
+hence the engine's default of one reader (`--readers`).
 """
 
 import argparse
