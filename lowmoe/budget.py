@@ -42,6 +42,14 @@ def fmt_bytes(n):
     return f"{n} B"
 
 
+def parse_bytes(spec, what):
+    """Bytes of "12GiB", "300MB", "123456" (units up to TiB, decimal and binary); InputError naming `what`."""
+    m = _SIZE.match(str(spec).strip().lower())
+    if not m or m.group(2) not in _UNITS:
+        raise InputError(f"{what} {spec!r}: expected bytes with an optional unit, e.g. 12GiB, 8000MB")
+    return int(float(m.group(1)) * _UNITS[m.group(2)])
+
+
 def plan_cache(spec, cfg, slot_bytes, staging=None):
     """CachePlan for a budget spec (str: bytes with unit, "N%", or "min").
 

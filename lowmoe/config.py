@@ -190,19 +190,24 @@ STORAGE_KINDS = ("checkpoint", "packed", "ram")
 PREDICTORS = ("none", "nextgate", "history", "learned", "pregate", "oracle")
 # EngineConfig field -> environment variable; an option given to the API or CLI wins.
 ENV_VARS = {"expert_cache": "SHARPI_EXPERT_CACHE", "storage": "SHARPI_STORAGE", "readers": "SHARPI_READERS",
-            "cpu_moe": "SHARPI_CPU_MOE", "predictor": "SHARPI_MOE_PREDICTOR", "lookahead": "SHARPI_MOE_LOOKAHEAD"}
+            "cpu_moe": "SHARPI_CPU_MOE", "predictor": "SHARPI_MOE_PREDICTOR", "lookahead": "SHARPI_MOE_LOOKAHEAD",
+            "vram_budget": "SHARPI_VRAM_BUDGET"}
 
 
 @dataclass(frozen=True)
 class EngineConfig:
     """Run-time options. CLI flags and SHARPI_* variables map onto these fields."""
 
-    device: str = "cpu"  # DEVICES; "cuda": the whole model on the GPU (backend/cuda_model.py)
+    device: str = "cpu"  # DEVICES; "cuda": the model on the GPU (backend/cuda_model.py)
     expert_cache: str = None  # budget ("1.5GiB", "25%", "min"); None: every expert resident
+    vram_budget: str = None  # device "cuda": GPU bytes ("12GiB") to plan; the rest of the dense weights,
+    # KV cache and workspace goes to expert slots (vram.py)
+    max_context: int = 8192  # tokens of KV cache the VRAM plan reserves
     storage: str = None  # slow tier: "checkpoint", "packed", "ram"; None: packed if the folder is, else checkpoint
     readers: int = 1  # reader threads (one: concurrent large reads measured slower, see docs/performance.md)
     read_timeout_s: float = 30.0
-    cpu_moe: bool = None  # experts computed on the CPU; None: where the device is (cpu: CPU, cuda: GPU)
+    cpu_moe: bool = None  # experts computed on the CPU; None: on cpu the CPU, on cuda the GPU when every
+    # expert fits there, else decided by a cost model (hybrid.py)
     predictor: str = None  # hints for the expert cache: PREDICTORS; None: pregate if the checkpoint has
     # heads, else learned if fitted, else nextgate
     oracle_trace: str = None  # the `--trace` file of an earlier run of the same input, for "oracle"
@@ -235,12 +240,18 @@ class EngineConfig:
             raise InputError(f"lookahead must be 1 or 2, got {c.lookahead}")
         if c.readers < 1:
             raise InputError(f"readers must be >= 1, got {c.readers}")
-        if c.device == "cuda" and c.expert_cache is not None:
-            raise InputError("device 'cuda' keeps every expert on the GPU: an expert cache budget is not available "
-                             "there yet (drop --expert-cache / SHARPI_EXPERT_CACHE, or use device 'cpu')")
-        if c.device == "cuda" and c.cpu_moe:
-            raise InputError("SHARPI_CPU_MOE=1 (experts on the CPU) with device 'cuda' is not available yet; "
-                             "unset it or set 0")
+        if c.vram_budget is not None:
+            if c.device != "cuda":
+                raise InputError("a VRAM budget (--vram-budget / SHARPI_VRAM_BUDGET) plans GPU memory: it needs "
+                                 "device 'cuda'")
+            if c.expert_cache is not None:
+                raise InputError("give the GPU expert cache either a VRAM budget (--vram-budget) or an expert cache "
+                                 "budget (--expert-cache), not both")
+            if c.cpu_moe:
+                raise InputError("SHARPI_CPU_MOE=1 keeps the experts on the CPU: a VRAM budget for expert slots does "
+                                 "not apply (unset one of them)")
+        if c.max_context < 1:
+            raise InputError(f"max_context must be >= 1, got {c.max_context}")
         if c.device == "cpu" and c.cpu_moe is False:
             raise InputError("SHARPI_CPU_MOE=0 asks for the GPU expert path: use device 'cuda' (--device cuda), "
                              "or unset it / set 1 (experts on the CPU)")

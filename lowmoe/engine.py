@@ -94,7 +94,10 @@ class Engine:
         moe_predictor.safetensors, else nextgate; "oracle" with oracle_trace, the `--trace` file of
         an earlier run of the same input: perfect hints, for benchmarks), lookahead (1 or 2 MoE
         layers; nextgate and oracle look 2 ahead, the others 1), readers, read_timeout_s, cpu_moe.
-        device "cuda" runs the whole model on the GPU (CuPy; every expert resident there)."""
+        device "cuda" runs the model on the GPU (CuPy): every expert resident there when they fit;
+        else vram_budget ("12GiB": dense weights, KV cache for max_context tokens, workspace, the
+        rest expert slots) or expert_cache plans a GPU expert cache; cpu_moe=True keeps the
+        experts on the CPU (see backend/cuda_model.py)."""
         options = EngineConfig.from_options(device=device, **options)
         if options.device == "cuda":
             from .backend import cuda
@@ -106,10 +109,13 @@ class Engine:
         dense = load_dense(ckpt, cfg)
         store = open_store(options.storage or ("packed" if is_packed(path) else "checkpoint"), path, ckpt, cfg)
         if options.device == "cuda":
-            from .backend.cuda_model import CudaModel
+            from .backend.cuda_model import CudaModel, load_experts
 
-            model = CudaModel(cfg, dense, store)
-            store.close()
+            experts, where = load_experts(cfg, dense, store, options)
+            predictor = None
+            if isinstance(experts, OffloadedExperts):
+                predictor = make_predictor(options.predictor, cfg, dense, path, options.oracle_trace, options.lookahead)
+            model = CudaModel(cfg, dense, experts, where, predictor)
             return cls(path, cfg, options, model, load_tokenizer(path))
         predictor = None
         if options.expert_cache is None:

@@ -5,6 +5,10 @@ slots managed by the SLRU policy (`cache.py`), reads misses from the slow tier (
 through the read scheduler (`prefetch.py`), and computes the experts already present while the
 missing ones stream in. Both sum expert outputs in the same fixed order (ascending expert id), so
 the result does not depend on which experts were cached or when reads finished.
+
+Where the slots live is a tier: `HostSlots` here (a host slab, Numba kernels), or
+`device_slots.DeviceSlots` (a device slab per weight role, filled through pinned staging on a copy
+stream). The policy (cache, hints, stats, errors) is the same code for both.
 """
 
 import time
@@ -95,15 +99,53 @@ class ResidentExperts:
         pass
 
 
-class OffloadedExperts:
-    """A budget of expert slots in front of the slow tier (the reactive baseline: reads on demand)."""
+class _HostLayer:
+    """One MoE layer's experts on the CPU: each computed as soon as it is added (while later reads
+    stream in), summed by _combine at the end."""
 
-    def __init__(self, store, cfg, plan, readers=1, timeout_s=30.0):
+    def __init__(self, slab, u, idx, w, rows):
+        self.slab, self.u, self.idx, self.w, self.rows = slab, u, idx, w, rows
+        self.outputs = {}  # expert -> (rows, y f32[len(rows), D])
+
+    def add(self, e, slot):
+        self.outputs[e] = (self.rows[e], _expert_out(self.slab.ffn(slot), self.u, self.rows[e]))
+
+    def flush(self):
+        """End of a group of experts (their slots may be reused after this): nothing is pending."""
+
+    def result(self):
+        return _combine(self.u, self.idx, self.w, self.outputs)
+
+
+class HostSlots:
+    """The CPU's fast tier: `n` slots of one host slab; a read lands straight in its slot."""
+
+    def __init__(self, store, n):
+        self.store = store
+        self.slab = Slab(store.layout, n)
+
+    def fill(self, key, slot):
+        """Reader thread: expert `key` into `slot` -> bytes read."""
+        return self.store.read(*key, self.slab.block(slot))
+
+    def layer(self, u, idx, w, rows):
+        return _HostLayer(self.slab, u, idx, w, rows)
+
+    def close(self):
+        pass
+
+
+class OffloadedExperts:
+    """A budget of expert slots in front of the slow tier (the reactive baseline: reads on demand).
+    `tier`: where the slots live (default: HostSlots of plan.slots + plan.staging)."""
+
+    def __init__(self, store, cfg, plan, readers=1, timeout_s=30.0, tier=None):
         self.cfg = cfg
         self.plan = plan
         self.cache = SlruCache(plan.slots, plan.staging)
-        self.slab = Slab(store.layout, plan.slots + plan.staging)
-        self.reader = ReadScheduler(store, self.slab, readers, timeout_s)
+        self.tier = tier or HostSlots(store, plan.slots + plan.staging)
+        self.slab = self.tier.slab
+        self.reader = ReadScheduler(self.tier.fill, readers, timeout_s)
         self.broken = None
         self.staged = {}  # key -> Request of a hint read into a staging slot
         self.releasing = {}  # key -> Request of a hint the gating did not choose; slot freed once read
@@ -181,10 +223,10 @@ class OffloadedExperts:
         # Cached experts first. A prefill can route to more experts than the cache has slots:
         # then they go through in groups of at most `slots`.
         keys = sorted(((layer, e) for e in rows), key=lambda k: self.cache.lookup(k) is None)
-        outputs = {}
+        out = self.tier.layer(u, idx, w, rows)
         try:
             for i in range(0, len(keys), self.plan.slots):
-                self._group(keys[i : i + self.plan.slots], u, rows, outputs, st)
+                self._group(keys[i : i + self.plan.slots], out, st)
         finally:
             for key in [k for k in self.staged if k[0] == layer]:  # hints the gating did not choose
                 req = self.staged.pop(key)
@@ -200,10 +242,10 @@ class OffloadedExperts:
                 self.token, layer, sorted(rows), [] if ranked is None else [int(e) for e in ranked[:k]],
                 st.hits - before.hits, st.prefetched - before.prefetched, st.misses - before.misses,
                 st.stall_s - before.stall_s, st.bytes_read - before.bytes_read, st.wasted_bytes - before.wasted_bytes))
-        return _combine(u, idx, w, outputs)
+        return out.result()
 
-    def _group(self, keys, u, rows, outputs, st):
-        """Computes the experts `keys` into `outputs`, reading the missing ones meanwhile."""
+    def _group(self, keys, out, st):
+        """Adds the experts `keys` to the layer's sum `out`, reading the missing ones meanwhile."""
         self.cache.pin(keys)
         try:
             present, reads = {}, {}
@@ -224,7 +266,7 @@ class OffloadedExperts:
                     st.misses += 1
             # Compute what is here while the misses stream in.
             for e, s in present.items():
-                outputs[e] = (rows[e], _expert_out(self.slab.ffn(s), u, rows[e]))
+                out.add(e, s)
             failed = None
             for e, req in reads.items():
                 try:
@@ -235,7 +277,9 @@ class OffloadedExperts:
                     continue
                 st.bytes_read += req.nbytes
                 if failed is None:
-                    outputs[e] = (rows[e], _expert_out(self.slab.ffn(req.slot), u, rows[e]))
+                    out.add(e, req.slot)
+            if failed is None:
+                out.flush()
         finally:
             self.cache.unpin(keys)
         if failed is not None:
@@ -261,3 +305,4 @@ class OffloadedExperts:
 
     def close(self):
         self.reader.close()
+        self.tier.close()

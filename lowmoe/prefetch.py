@@ -31,9 +31,11 @@ class Request:
 
 
 class ReadScheduler:
-    def __init__(self, store, slab, threads=2, timeout_s=30.0):
-        self.store = store
-        self.slab = slab
+    """`fill(key, slot) -> bytes read` moves one expert from the slow tier into a slot (on the CPU a
+    read into the host slab; on the GPU a read into pinned staging and a copy to the device)."""
+
+    def __init__(self, fill, threads=2, timeout_s=30.0):
+        self.fill = fill
         self.timeout_s = timeout_s
         self.queue = []  # heap of (priority, seq, Request); stale entries are skipped
         self.seq = itertools.count()
@@ -116,10 +118,9 @@ class ReadScheduler:
             req.ready.set()
 
     def _read(self, req):
-        layer, expert = req.key
         for attempt in range(2):
             try:
-                req.nbytes = self.store.read(layer, expert, self.slab.block(req.slot))
+                req.nbytes = self.fill(req.key, req.slot)
                 return
             except Exception as e:  # noqa: BLE001 - any failure is retried once, then reported
                 if attempt == 0:

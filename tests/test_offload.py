@@ -113,8 +113,8 @@ class FlakyStore:
 
 
 def _with_store(engine, wrap):
-    reader = engine.model.experts.reader
-    reader.store = wrap(reader.store)
+    tier = engine.model.experts.tier
+    tier.store = wrap(tier.store)
     return engine
 
 

@@ -30,7 +30,7 @@ class GatedStore:
 def test_demand_before_hints_merging_and_ready_signals():
     store = GatedStore()
     slab = Slab(store.layout, 8)
-    r = ReadScheduler(store, slab, threads=1, timeout_s=5)
+    r = ReadScheduler(lambda key, slot: store.read(*key, slab.block(slot)), threads=1, timeout_s=5)
     first = r.submit((0, 0), 0, HINT)  # taken by the one reader, which then blocks
     while not store.order:
         pass
@@ -52,7 +52,7 @@ def test_demand_before_hints_merging_and_ready_signals():
 def test_cancel_drops_only_reads_not_yet_started():
     store = GatedStore()
     slab = Slab(store.layout, 8)
-    r = ReadScheduler(store, slab, threads=1, timeout_s=5)
+    r = ReadScheduler(lambda key, slot: store.read(*key, slab.block(slot)), threads=1, timeout_s=5)
     first = r.submit((0, 0), 0, HINT)  # taken by the one reader, which then blocks
     while not store.order:
         pass

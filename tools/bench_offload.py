@@ -101,7 +101,7 @@ def decode(packed, budget, prompt, new_tokens, strategy, routes=None):
             e.model.predictor = Oracle(e.config, routes)
         g = e.generate(prompt, new_tokens, stop_at_eos=False)
         read_s, n = reads_alone(e, [(l, x) for l in e.config.moe_layers for x in range(e.config.num_experts)])
-        direct = e.model.experts.reader.store.direct
+        direct = e.model.experts.tier.store.direct
     return g, read_s / n * g.stats["bytes_read"] / e.model.experts.slab.layout.block, direct
 
 

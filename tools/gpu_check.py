@@ -10,6 +10,11 @@
    in --models (tools/make_test_models.py output); logits of a prefill are compared too.
 3. Bandwidth of the decode GEMVs (expert SwiGLU and lm_head-sized linear) against a large
    device-to-device copy measured in the same run.
+4. The GPU expert cache (issue 7) on the bundled model: device slots at several budgets and
+   predictors, a VRAM budget, CPU-MoE and the cost model's choice give the resident GPU run's
+   tokens (and its logits, bit for bit, where one group holds a layer's experts).
+5. Benchmark (tools/gpu_bench.py; --skip-bench leaves it out): reactive vs nextgate vs oracle
+   under a 12 GiB budget emulation at 8K context, and CPU-MoE vs the GPU cache.
 
 Writes OUTDIR/gpu_check.log (every case) and OUTDIR/summary.json; prints a short table last.
 Exit status 0 when everything passed, 1 when something failed, 2 when no GPU is usable.
@@ -243,6 +248,43 @@ def compare_models(rep, paths, n_tokens):
             rep.row(f"tokens {label}", n_tokens, "error", False)
 
 
+def compare_gpu_cache(rep, n_tokens):
+    """Tokens (and prefill logits) of the GPU expert cache against the resident GPU run."""
+    from lowmoe import Engine
+
+    cases = [dict(expert_cache="25%", predictor="none", cpu_moe=False),
+             dict(expert_cache="25%", predictor="nextgate", cpu_moe=False),
+             dict(expert_cache="25%", predictor="nextgate", lookahead=2, readers=2, cpu_moe=False),
+             dict(expert_cache="min", predictor="nextgate", cpu_moe=False),
+             dict(vram_budget="1GiB", max_context=1024, predictor="nextgate", cpu_moe=False),
+             dict(expert_cache="25%", storage="ram"),  # SHARPI_CPU_MOE unset: the cost model decides
+             dict(cpu_moe=True), dict(cpu_moe=True, expert_cache="25%")]
+    with Engine.from_pretrained(device="cuda") as gpu:
+        ids = gpu.encode("In the beginning God created")
+        want = gpu.generate(ids, n_tokens, stop_at_eos=False).tokens
+        want_logits = gpu.logits(ids)
+    for options in cases:
+        label = "gpu cache " + ",".join(f"{k}={v}" for k, v in options.items())
+        try:
+            with Engine.from_pretrained(device="cuda", **options) as e:
+                got = e.generate(ids, n_tokens, stop_at_eos=False)
+                logits = e.logits(ids)
+                where = e.model.where
+            exact = np.array_equal(logits, want_logits)
+            lerr = err(logits, want_logits.astype(np.float64))
+            # One group per layer (25% = 32 slots >= the prompt's experts) must match bit for bit;
+            # "min" sums in groups and CPU-MoE uses other kernels: close, and the same tokens.
+            need_exact = where == "slots" and options.get("expert_cache") != "min"
+            ok = got.tokens == want and (exact if need_exact else lerr <= TOL)
+            rep.line(f"{label}: experts {where}, tokens {'same' if got.tokens == want else got.tokens}, "
+                     f"logits {'bit-identical' if exact else f'err {lerr:.3g}'}, hits {got.stats.get('hits')}, "
+                     f"prefetched {got.stats.get('prefetched')}, misses {got.stats.get('misses')}")
+            rep.row(label, n_tokens, f"{where}, {'exact' if exact else f'err {lerr:.2g}'}", ok)
+        except Exception:
+            rep.line(f"{label}: ERROR\n{traceback.format_exc()}")
+            rep.row(label, n_tokens, "error", False)
+
+
 # ------------------------------------------------------------------------- bandwidth
 
 
@@ -300,6 +342,7 @@ def main(argv=None):
     p.add_argument("outdir")
     p.add_argument("--models", default=None, help="folder of tools/make_test_models.py checkpoints (one per subfolder)")
     p.add_argument("--tokens", type=int, default=24, help="greedy tokens compared per model")
+    p.add_argument("--skip-bench", action="store_true", help="leave out the GPU expert cache benchmark")
     args = p.parse_args(argv)
     os.makedirs(args.outdir, exist_ok=True)
 
@@ -325,12 +368,21 @@ def main(argv=None):
     else:
         rep.row("tokens transformers-made models", 0, "no --models given", False)
     compare_models(rep, models, args.tokens)
+    compare_gpu_cache(rep, args.tokens)
     cuda.POISON = False  # timing without the NaN fills
     try:
         run_bandwidth(rep, cuda, cp)
     except Exception:
         rep.line(f"bandwidth: ERROR\n{traceback.format_exc()}")
         rep.row("bandwidth", 0, "error", False)
+    if not args.skip_bench:
+        try:
+            from gpu_bench import run_bench  # tools/, beside this file
+
+            run_bench(rep.line, rep.row, args.outdir)
+        except Exception:
+            rep.line(f"bench: ERROR\n{traceback.format_exc()}")
+            rep.row("bench", 0, "error", False)
     rep.line(f"total {time.perf_counter() - t0:.0f} s")
     ok = all(r[3] == "PASS" for r in rep.rows)
     with open(os.path.join(args.outdir, "summary.json"), "w", encoding="utf-8") as f:

@@ -1,20 +1,37 @@
-"""The decoder on the GPU: model.py's forward pass with every weight, expert and the KV cache in
-device memory, computed by the kernels of cuda.py.
+"""The decoder on the GPU: model.py's forward pass with the dense weights and the KV cache in
+device memory, computed by the kernels of cuda.py. The routed experts are, by `load_experts`:
 
-The per-layer loop only enqueues work: the router's expert ids and weights stay on the device and
-the expert kernels read them there, so the host waits for the GPU once per forward pass, when the
-logits are copied back for sampling. Routed experts are stacked per MoE layer (gate, up [E, I, D],
-down [E, D, I]); the dense MLPs and the Qwen2-MoE shared expert go through the same kernels as a
-single expert (E = 1, id 0, weight 1).
+- "resident": every expert on the GPU when they fit, stacked per MoE layer (gate, up [E, I, D],
+  down [E, D, I]). The per-layer loop only enqueues work: the router's expert ids and weights stay
+  on the device and the expert kernels read them there, so the host waits for the GPU once per
+  forward pass, when the logits are copied back for sampling.
+- "slots": an expert cache in device slots (device_slots.py) under a VRAM budget or an
+  expert-cache budget. The cache policy runs on the host, so each MoE layer copies its chosen
+  expert ids (int32[T, k]) to the host and waits for them; the hidden state stays on the device.
+- "host": CPU-MoE, the experts in host memory computed by the CPU kernels (experts.py); each MoE
+  layer moves only its normalised hidden state u f32[T, D] to the host and the sum back.
+
+The dense MLPs and the Qwen2-MoE shared expert go through the expert kernels as a single expert
+(E = 1, id 0, weight 1).
 """
+
+import logging
 
 import numpy as np
 
-from ..errors import DeviceError
+from ..budget import plan_cache
+from ..device_slots import device_experts
+from ..errors import DeviceError, InputError
+from ..experts import OffloadedExperts, ResidentExperts
+from ..hybrid import Costs, choose_cpu_moe, cpu_expert_seconds
 from ..model import rope_tables
 from ..slots import Slab
+from ..vram import plan_vram
 from ..weights import FFN, Attention, Layer, Matrix, Weights
 from . import cuda
+from .cuda_device import CupyDevice, transfer_costs
+
+log = logging.getLogger("lowmoe")
 
 
 class DeviceKVCache:
@@ -78,18 +95,33 @@ class DeviceExperts:
         pass
 
 
-def _nbytes(obj, seen):
-    """Bytes of the distinct NumPy arrays reachable from a weights record."""
-    if isinstance(obj, np.ndarray):
-        if id(obj) in seen:
+def device_bytes(dense):
+    """Bytes _upload allocates on the device for the dense weights: every Matrix with an f32 bias
+    (zeros when it has none), vectors f32, the shared embedding once, pre-gate heads not at all."""
+    seen = set()
+
+    def size(a):
+        if a is None or id(a) in seen:
             return 0
-        seen.add(id(obj))
-        return obj.nbytes
-    if isinstance(obj, (list, tuple)):
-        return sum(_nbytes(o, seen) for o in obj)
-    if hasattr(obj, "__dataclass_fields__"):
-        return sum(_nbytes(getattr(obj, f), seen) for f in obj.__dataclass_fields__)
-    return 0
+        seen.add(id(a))
+        return a.nbytes
+
+    def matrix(m):
+        if m is None or id(m) in seen:
+            return 0
+        seen.add(id(m))
+        return m.w.nbytes + 4 * m.w.shape[0]
+
+    def ffn(f):
+        return 0 if f is None else f.gate.nbytes + f.up.nbytes + f.down.nbytes
+
+    total = matrix(dense.embed) + size(dense.norm) + matrix(dense.lm_head)
+    for layer in dense.layers:
+        a = layer.attn
+        total += size(layer.input_norm) + size(layer.post_norm) + size(a.q_norm) + size(a.k_norm)
+        total += sum(matrix(m) for m in (a.q, a.k, a.v, a.o, layer.router, layer.shared_gate))
+        total += ffn(layer.mlp) + ffn(layer.shared)
+    return total
 
 
 def check_fits(cfg, dense, layout):
@@ -98,11 +130,53 @@ def check_fits(cfg, dense, layout):
     cp = cuda.cupy()
     free, _ = cp.cuda.Device().mem_info
     experts = len(cfg.moe_layers) * cfg.num_experts * 3 * layout.part
-    need = _nbytes(dense, set()) + experts
+    need = device_bytes(dense) + experts
     if need + max(free // 10, 512 << 20) > free:
         raise DeviceError(f"device 'cuda': the model needs {need / 2**30:.2f} GiB of GPU memory ({experts / 2**30:.2f} "
-                          f"GiB of experts) and {free / 2**30:.2f} GiB are free; the GPU expert cache is not "
-                          "available yet (use device='cpu' with --expert-cache)")
+                          f"GiB of experts) and {free / 2**30:.2f} GiB are free; give a budget for a GPU expert "
+                          "cache (--vram-budget, e.g. 12GiB) or keep the experts on the CPU (SHARPI_CPU_MOE=1)")
+
+
+def load_experts(cfg, dense, store, options):
+    """The routed experts for device 'cuda' -> (experts, where: "resident", "slots" or "host"); see
+    the module docstring. Closes `store` unless the experts keep reading from it.
+
+    cpu_moe True: "host" (an expert_cache budget is then the host cache's). Otherwise a
+    vram_budget or expert_cache plans device slots; without either, every expert goes on the GPU.
+    With slots and cpu_moe unset, hybrid.choose_cpu_moe decides between the slots and "host" from
+    measured costs, and logs why."""
+    staging = cfg.top_k * options.lookahead
+    if options.cpu_moe:
+        return _host_experts(cfg, store, options, staging), "host"
+    if options.vram_budget is None and options.expert_cache is None:
+        check_fits(cfg, dense, store.layout)
+        experts = DeviceExperts(store, cfg)
+        store.close()
+        return experts, "resident"
+    slot = 3 * store.layout.part
+    if options.vram_budget is not None:
+        plan = plan_vram(options.vram_budget, cfg, device_bytes(dense), slot, options.max_context, staging).cache
+    else:
+        plan = plan_cache(options.expert_cache, cfg, slot, staging)
+    dev = CupyDevice()
+    if options.cpu_moe is None:
+        bandwidth, roundtrip = transfer_costs(dev, slot, cfg.hidden_size)
+        costs = Costs(slot, bandwidth, cpu_expert_seconds(store, cfg), roundtrip)
+        decision = choose_cpu_moe(costs, cfg.top_k, plan.fraction)
+        log.info("lowmoe: %s (copy %.1f GB/s, CPU expert %.0f us, round trip %.0f us; SHARPI_CPU_MOE=0/1 forces one)",
+                 decision.describe(), bandwidth / 1e9, costs.cpu_expert_s * 1e6, roundtrip * 1e6)
+        if decision.cpu_moe:
+            return _host_experts(cfg, store, options, staging), "host"
+    return device_experts(store, cfg, plan, dev, options.readers, options.read_timeout_s), "slots"
+
+
+def _host_experts(cfg, store, options, staging):
+    if options.expert_cache is None:
+        experts = ResidentExperts(store, cfg)
+        store.close()
+        return experts
+    plan = plan_cache(options.expert_cache, cfg, store.layout.block, staging)
+    return OffloadedExperts(store, cfg, plan, options.readers, options.read_timeout_s)
 
 
 def _vec(a):
@@ -136,12 +210,12 @@ def _upload(w, memo):
 class CudaModel:
     """Same interface as model.Model: forward(tokens, kv, all_logits) -> NumPy logits."""
 
-    def __init__(self, cfg, dense, store):
-        check_fits(cfg, dense, store.layout)
+    def __init__(self, cfg, dense, experts, where, predictor=None):
         self.cfg = cfg
         self.w = _upload(dense, {})
-        self.experts = DeviceExperts(store, cfg)
-        self.predictor = None  # the GPU holds every expert: nothing to prefetch
+        self.experts = experts
+        self.where = where  # "resident", "slots" or "host" (load_experts)
+        self.predictor = predictor  # hints the expert cache ("slots", or "host" with a budget)
         cp = cuda.cupy()
         self._one = (cp.zeros((1, 1), np.int32), cp.ones((1, 1), np.float32))
 
@@ -156,7 +230,7 @@ class CudaModel:
         cuda.embed(cp.asarray(tokens, dtype=np.int64), self.w.embed.w, self.w.embed.dtype, x)
         for i, layer in enumerate(self.w.layers):
             x += self._attention(i, layer, self._norm(x, layer.input_norm), kv, start)
-            x += self._mlp(i, layer, self._norm(x, layer.post_norm))
+            x += self._mlp(i, layer, self._norm(x, layer.post_norm), x)
         kv.length = start + T
         if not all_logits:
             x = x[-1:]
@@ -210,7 +284,8 @@ class CudaModel:
         cp = cuda.cupy()
         return cp.zeros((T, 1), np.int32), cp.ones((T, 1), np.float32)
 
-    def _mlp(self, i, layer, u):
+    def _mlp(self, i, layer, u, h):
+        """u f32[T, D] normalised input of the MLP; h f32[T, D] the residual (the predictors' input)."""
         cp = cuda.cupy()
         cfg, T = self.cfg, u.shape[0]
         if layer.router is None:
@@ -218,7 +293,17 @@ class CudaModel:
         idx = cuda.buffer((T, cfg.top_k), np.int32)
         w = cuda.buffer((T, cfg.top_k))
         cuda.router_topk(self._linear(u, layer.router), cfg.top_k, cfg.norm_topk_prob, idx, w)
-        out = self._ffn(u, self.experts.layers[i], idx, w)
+        if self.where == "resident":
+            out = self._ffn(u, self.experts.layers[i], idx, w)
+        else:
+            chosen = cp.asnumpy(idx).astype(np.int64)  # the host decides what is cached: wait for the ids
+            if self.predictor is not None and T == 1:
+                for later, ranked in self.predictor.predict(i, cp.asnumpy(h), chosen[0]):
+                    self.experts.hint(later, ranked)
+            if self.where == "slots":
+                out = self.experts.forward(i, u, chosen, w)
+            else:
+                out = cp.asarray(self.experts.forward(i, cp.asnumpy(u), chosen, cp.asnumpy(w)))
         if layer.shared is not None:
             gate = 1.0 / (1.0 + cp.exp(-self._linear(u, layer.shared_gate)))  # [T, 1]
             out += gate * self._ffn(u, layer.shared, *self._units(T))

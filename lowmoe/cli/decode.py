@@ -33,7 +33,13 @@ def add_arguments(p):
 def add_engine_arguments(p):
     """Flags that map onto EngineConfig (each overrides its SHARPI_* variable)."""
     p.add_argument("--device", default=None, choices=("cpu", "cuda"),
-                   help="cpu (default) or cuda: the whole model on the GPU, every expert resident (needs CuPy)")
+                   help="cpu (default) or cuda: the model on the GPU (needs CuPy); every expert resident there "
+                   "when they fit, else give --vram-budget or --expert-cache for a GPU expert cache")
+    p.add_argument("--vram-budget", default=None, metavar="BYTES",
+                   help="with --device cuda: GPU memory to plan (12GiB): dense weights, KV cache for --max-context "
+                   "tokens, workspace, and the rest expert slots (see `lowmoe info --vram-budget`)")
+    p.add_argument("--max-context", type=int, default=None, metavar="N",
+                   help="tokens of KV cache the VRAM budget reserves (default 8192)")
     p.add_argument("--expert-cache", default=None, metavar="BUDGET",
                    help="expert cache budget: bytes (1.5GiB, 300MB), a share of the experts (25%%) or 'min'; "
                    "default: every expert resident")
@@ -54,7 +60,8 @@ def add_engine_arguments(p):
 
 def engine_options(args):
     return {"device": args.device, "expert_cache": args.expert_cache, "storage": args.storage, "readers": args.readers,
-            "predictor": args.predictor, "oracle_trace": args.oracle_trace, "lookahead": args.lookahead}
+            "predictor": args.predictor, "oracle_trace": args.oracle_trace, "lookahead": args.lookahead,
+            "vram_budget": args.vram_budget, "max_context": args.max_context}
 
 
 def _prompt_ids(engine, args):
@@ -96,19 +103,26 @@ def _trace_target(args):
     return path, env not in ("", "0")
 
 
+def _has_cache(engine):
+    """An expert cache, CPU or GPU (with device cuda, a VRAM budget also plans one)."""
+    from lowmoe.experts import OffloadedExperts
+
+    return isinstance(engine.model.experts, OffloadedExperts)
+
+
 def _attach_trace(engine, model, path, table, dashboard):
     """Sets the expert cache's event callback; returns (JSONL sink or None, Summary or None)."""
     from lowmoe.errors import InputError
     from lowmoe.trace import JsonlSink, Summary
 
-    if engine.options.expert_cache is None:
+    if not _has_cache(engine):
         raise InputError("--trace, --dashboard and SHARPI_TRACE_MOE show the expert cache, and there is none: "
                          "add --expert-cache BUDGET (e.g. 25%)")
     # The engine resolves the default predictor itself (learned if fitted, else nextgate): name the
     # one it built, from its class (NextGate -> "nextgate").
     p = engine.model.predictor
     predictor = "none" if p is None else type(p).__name__.lower()
-    sink = JsonlSink(path, model, engine.options.expert_cache, predictor) if path else None
+    sink = JsonlSink(path, model, engine.options.expert_cache or engine.options.vram_budget, predictor) if path else None
     summary = Summary() if table else None
     consumers = [c for c in (sink, summary, dashboard) if c is not None]
 
@@ -147,7 +161,7 @@ def main(args):
         if sink is not None:
             sink.close()
     stats_path = os.environ.get("SHARPI_EXPERT_STATS", "")
-    if stats_path and engine.options.expert_cache is not None:
+    if stats_path and _has_cache(engine):
         _write_expert_stats(engine, stats_path)
     if summary is not None:
         from rich.console import Console

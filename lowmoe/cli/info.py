@@ -8,6 +8,12 @@ def add_arguments(p):
     p.add_argument("--json", action="store_true")
     p.add_argument("--expert-cache", default=None, metavar="BUDGET",
                    help="also print the cache plan for this budget (1.5GiB, 300MB, 25%%, min)")
+    p.add_argument("--vram-budget", default=None, metavar="BYTES",
+                   help="also print the GPU memory plan for this budget (12GiB): dense weights, KV cache, workspace, "
+                   "expert slots")
+    p.add_argument("--context", type=int, default=8192, help="tokens of KV cache in the VRAM plan (default 8192)")
+    p.add_argument("--lookahead", type=int, default=1, choices=(1, 2),
+                   help="MoE layers ahead hints cover: staging slots are top-k per layer (default 1)")
 
 
 def main(args):
@@ -42,6 +48,17 @@ def main(args):
     }
     if args.expert_cache is not None:
         info.update(plan_cache(args.expert_cache, cfg, store.layout.block).describe())
+    if args.vram_budget is not None:
+        from lowmoe.backend.cuda_model import device_bytes
+        from lowmoe.errors import InputError
+        from lowmoe.vram import plan_vram
+        from lowmoe.weights import load_dense
+
+        if args.context < 1:
+            raise InputError(f"--context must be >= 1, got {args.context}")
+        dense = device_bytes(load_dense(ckpt, cfg))
+        staging = cfg.top_k * args.lookahead
+        info.update(plan_vram(args.vram_budget, cfg, dense, 3 * store.layout.part, args.context, staging).describe())
     if args.json:
         print(json.dumps(info))
         return 0
@@ -56,7 +73,7 @@ def main(args):
 
 
 def _fmt(key, value):
-    if key == "fraction_cached":
+    if key.endswith("fraction_cached"):
         return f"{value:.1%}"
     if "bytes" in key:
         return f"{value / 2**20:.1f} MiB ({value:,} bytes)"

@@ -1,0 +1,111 @@
+"""The device the GPU expert slots (device_slots.py) run on, with CuPy: allocations, pinned host
+memory, streams, events, host-to-device copies, and the expert sum over slots. The tests drive the
+same slot code through a fake with these methods (tests/fake_device.py).
+
+Compute runs on the stream CudaModel's kernels use (the thread's current stream, the legacy
+default stream unless changed); copies on a non-blocking stream of their own, so that they never
+serialise with compute except where an event says so.
+"""
+
+import time
+
+import numpy as np
+
+from ..slots import ALIGN
+from . import cuda
+
+
+class CupyDevice:
+    def __init__(self):
+        self.cp = cuda.cupy()
+        self.compute = self.cp.cuda.get_current_stream()
+
+    def empty(self, shape, dtype):
+        return self.cp.empty(shape, dtype)
+
+    def pinned(self, nbytes):
+        """uint8[nbytes] of page-locked host memory at an ALIGN-aligned address (for O_DIRECT reads)."""
+        import cupyx
+
+        raw = cupyx.empty_pinned((nbytes + ALIGN,), np.uint8)
+        start = -raw.ctypes.data % ALIGN
+        return raw[start : start + nbytes]
+
+    def stream(self):
+        return self.cp.cuda.Stream(non_blocking=True)
+
+    def copy(self, dst, src, stream):
+        """Enqueues dst (device, contiguous) <- src (pinned host, same bytes) on `stream`."""
+        rt = self.cp.cuda.runtime
+        rt.memcpyAsync(dst.data.ptr, src.ctypes.data, src.nbytes, rt.memcpyHostToDevice, stream.ptr)
+
+    def record(self, stream):
+        event = self.cp.cuda.Event(block=False, disable_timing=True)
+        event.record(stream)
+        return event
+
+    def wait(self, stream, event):
+        stream.wait_event(event)
+
+    def synchronize(self, event):
+        event.synchronize()
+
+    def expert_sum(self, slab, u, idx, w, rows):
+        return SlotSum(self.cp, slab, u, idx, w)
+
+
+class SlotSum:
+    """A layer's routed experts summed from slots by cuda.expert_ffn, one launch per group: the
+    slabs stand in for the layer's stacked experts and slot ids for expert ids, so with every expert
+    in one group the kernel does exactly what it does on resident experts (same order of sums).
+    u f32[T, D] and w f32[T, k] on the device, idx int64[T, k] expert ids on the host."""
+
+    def __init__(self, cp, slab, u, idx, w):
+        self.cp, self.slab, self.u, self.idx, self.w = cp, slab, u, idx, w
+        self.out = None  # f32[T, D]
+
+    def add(self, group):
+        """group {expert: slot}: adds their weighted outputs. Choices outside the group point at one
+        of its slots (valid weights) with weight 0, and add exactly 0."""
+        cp, idx = self.cp, self.idx
+        slots = np.full(idx.shape, next(iter(group.values())), np.int32)
+        inside = np.zeros(idx.shape, bool)
+        for e, s in group.items():
+            hit = idx == e
+            slots[hit] = s
+            inside |= hit
+        w = self.w if inside.all() else self.w * cp.asarray(inside, np.float32)
+        y = cuda.buffer(self.u.shape)
+        sl = self.slab
+        cuda.expert_ffn(self.u, sl.gate, sl.up, sl.down, sl.layout.dtype, cp.asarray(slots), w, y)
+        if self.out is None:
+            self.out = y
+        else:
+            self.out += y
+
+    def result(self):
+        return self.out
+
+
+def transfer_costs(dev, nbytes, hidden, repeats=5):
+    """(B: pinned host-to-device bytes/s for `nbytes` copies, r: seconds of a hidden state f32[1,
+    hidden] to the host and back), medians of `repeats` after a warm-up, for hybrid.choose_cpu_moe."""
+    cp = dev.cp
+    src, dst = dev.pinned(nbytes), cp.empty(nbytes, np.uint8)
+    stream = dev.stream()
+    copies = []
+    for _ in range(repeats + 1):
+        start, end = cp.cuda.Event(), cp.cuda.Event()
+        start.record(stream)
+        dev.copy(dst, src, stream)
+        end.record(stream)
+        end.synchronize()
+        copies.append(cp.cuda.get_elapsed_time(start, end) / 1e3)
+    x = cp.zeros((1, hidden), np.float32)
+    trips = []
+    for _ in range(repeats + 1):
+        t0 = time.perf_counter()
+        x = cp.asarray(cp.asnumpy(x))
+        cp.cuda.get_current_stream().synchronize()
+        trips.append(time.perf_counter() - t0)
+    return nbytes / float(np.median(copies[1:])), float(np.median(trips[1:]))

@@ -1,0 +1,162 @@
+"""The GPU expert slots (device_slots.py) on a fake device (tests/fake_device.py): copies land after
+random delays on a copy-stream thread, compute checks every group's waits. Outputs must be
+bit-identical to the CPU path at every budget and predictor; hints never evict; memory is the
+planned slots; the compute stream waits on exactly the events of the slots it reads."""
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import lowmoe
+from lowmoe.device_slots import device_experts, ring_entries
+from lowmoe.errors import StorageError
+
+from fake_device import FakeDevice
+
+PROMPT = [5, 17, 300, 42, 9, 77, 1000, 3, 12, 250, 8, 64]
+NEW = 16
+
+
+class SlowStore:
+    """A store whose reads take a random few milliseconds; `fail` makes every read raise."""
+
+    def __init__(self, store, seed, fail=False):
+        self.store, self.layout, self.fail = store, store.layout, fail
+        self.rng = np.random.default_rng(seed)
+        self.lock = threading.Lock()
+
+    def read(self, layer, expert, dest):
+        with self.lock:
+            delay = self.rng.random() * 0.002
+        time.sleep(delay)
+        if self.fail:
+            raise OSError(5, "Input/output error (injected)")
+        return self.store.read(layer, expert, dest)
+
+
+class Wrong:
+    """Ranks the next layer's experts in reverse: mostly wrong hints."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def predict(self, layer, h, chosen):
+        return [(later, ranked[::-1]) for later, ranked in self.inner.predict(layer, h, chosen)]
+
+
+def on_fake_gpu(engine, dev, seed=0, fail=False):
+    """Swaps the engine's CPU expert cache for the same plan in device slots on `dev`."""
+    cpu = engine.model.experts
+    cpu.close()
+    store = SlowStore(cpu.tier.store, seed, fail)
+    o = engine.options
+    engine.model.experts = device_experts(store, engine.config, cpu.plan, dev, o.readers, o.read_timeout_s)
+    return engine
+
+
+def run(engine):
+    gen = engine.generate(PROMPT, NEW, stop_at_eos=False)
+    return gen.tokens, engine.logits(PROMPT + gen.tokens[:4]), gen.stats
+
+
+@pytest.fixture(scope="module")
+def reference():
+    with lowmoe.Engine.from_pretrained() as e:
+        return run(e)[:2]
+
+
+@pytest.mark.parametrize("budget,predictor,lookahead,readers", [
+    ("min", "none", 1, 1), ("min", "wrong", 1, 2), ("10%", "history", 1, 1), ("25%", "nextgate", 2, 2),
+    ("25%", "wrong", 1, 1), ("50%", "nextgate", 1, 1)])
+def test_outputs_bit_identical_to_the_cpu_path(budget, predictor, lookahead, readers, reference):
+    options = dict(expert_cache=budget, lookahead=lookahead, readers=readers,
+                   predictor="nextgate" if predictor == "wrong" else predictor)
+    with lowmoe.Engine.from_pretrained(**options) as e:
+        cpu_tokens, cpu_logits, _ = run(e)
+    dev = FakeDevice(seed=10 * lookahead + readers)
+    with on_fake_gpu(lowmoe.Engine.from_pretrained(**options), dev, seed=lookahead) as e:
+        if predictor == "wrong":
+            e.model.predictor = Wrong(e.model.predictor)
+        tokens, logits, stats = run(e)
+    assert tokens == cpu_tokens == reference[0]
+    assert np.array_equal(logits, cpu_logits) and np.array_equal(logits, reference[1])
+    assert dev.groups > 0
+    if predictor in ("nextgate", "history"):
+        assert stats["prefetched"] > 0
+
+
+def _cache_states(engine):
+    """The cache's {key: segment} after every decode step; asserts that no hint changes it."""
+    experts = engine.model.experts
+    cache, hint = experts.cache, experts.hint
+
+    def snapshot():
+        return {k: cache.segment(k) for k in list(cache._prob) + list(cache._prot)}
+
+    def checked_hint(layer, ranked):
+        before = snapshot()
+        hint(layer, ranked)
+        assert snapshot() == before, "a hint changed the cache"
+
+    experts.hint = checked_hint
+    return [snapshot() for _ in engine.stream(PROMPT, NEW, stop_at_eos=False)]
+
+
+@pytest.mark.parametrize("predictor", ["nextgate", "wrong"])
+def test_hints_never_evict(predictor):
+    with on_fake_gpu(lowmoe.Engine.from_pretrained(expert_cache="25%", predictor="none"), FakeDevice()) as e:
+        reactive = _cache_states(e)
+    with on_fake_gpu(lowmoe.Engine.from_pretrained(expert_cache="25%", predictor="nextgate"), FakeDevice(seed=1)) as e:
+        if predictor == "wrong":
+            e.model.predictor = Wrong(e.model.predictor)
+        assert _cache_states(e) == reactive
+
+
+@pytest.mark.parametrize("budget", ["min", "25%"])
+def test_memory_is_the_planned_slots_and_the_ring(budget):
+    dev = FakeDevice()
+    with on_fake_gpu(lowmoe.Engine.from_pretrained(expert_cache=budget, readers=2), dev) as e:
+        ex, cfg = e.model.experts, e.config
+        plan, layout = ex.plan, ex.slab.layout
+        planned = (plan.slots + plan.staging) * 3 * layout.part
+        assert dev.device_bytes == ex.slab.nbytes == planned
+        assert dev.pinned_bytes == ring_entries(2, cfg.top_k) * layout.block
+        run(e)
+        assert dev.device_bytes == planned  # nothing allocated per expert
+        assert len(ex.cache) <= plan.slots
+
+
+def test_compute_waits_once_per_expert_it_reads():
+    """Every group waits on one event per expert it sums (FakeDevice.check_group checks they are
+    the right ones and no others), so the waits add up to the distinct experts of each forward."""
+    dev = FakeDevice()
+    with on_fake_gpu(lowmoe.Engine.from_pretrained(expert_cache="25%", predictor="nextgate"), dev) as e:
+        inner, expected = e.model.experts.forward, []
+
+        def forward(layer, u, idx, w):
+            expected.append(len(np.unique(idx)))
+            return inner(layer, u, idx, w)
+
+        e.model.experts.forward = forward
+        run(e)
+    assert dev.waits == sum(expected)
+
+
+def test_the_fake_device_catches_a_compute_that_does_not_wait():
+    dev = FakeDevice()
+    real_wait = dev.wait
+    dev.wait = lambda stream, event: None if stream == dev.compute else real_wait(stream, event)
+    with on_fake_gpu(lowmoe.Engine.from_pretrained(expert_cache="min", predictor="none"), dev) as e:
+        with pytest.raises(AssertionError, match="without waiting"):
+            run(e)
+
+
+def test_a_failing_read_is_a_clear_error_and_frees_its_ring_entry():
+    dev = FakeDevice()
+    with on_fake_gpu(lowmoe.Engine.from_pretrained(expert_cache="min"), dev, fail=True) as e:
+        with pytest.raises(StorageError, match="failed twice"):
+            e.generate(PROMPT, 4)
+    ring = e.model.experts.tier.ring  # the readers have stopped: every entry is back
+    assert ring.free.qsize() == ring_entries(1, e.config.top_k)
