@@ -255,3 +255,55 @@ def test_every_launch_matches_its_kernel_signature(monkeypatch, request):
         assert not never
     else:  # the bf16 bundled model alone: only the f32 / f16 weight variants may not have run
         assert all(fn.endswith(("_f32", "_f16")) for fn in never), never
+
+
+def test_gpu_expert_cache_launches_match_their_kernels(monkeypatch):
+    # device 'cuda' with a GPU expert cache (slots on tests/fake_device.py, summed by
+    # cuda_device.SlotSum through the expert kernels over slot ids, in groups at "min") and with
+    # CPU-MoE: cuda_model's wiring runs, with the launches checked. The router's launch writes
+    # valid expert ids (3t + j mod E), since no kernel runs here.
+    from fake_device import FakeDevice
+
+    from lowmoe.backend import cuda_device, cuda_model
+
+    launches = _Launches()
+    checked = launches.function
+
+    def function(fn):
+        launch = checked(fn)
+        if fn != "router_topk_f32":
+            return launch
+
+        def route(grid, block, args, shared_mem=0):
+            launch(grid, block, args, shared_mem)
+            idx, w = args[4], args[5]
+            T, k = idx.shape
+            idx[:] = (3 * np.arange(T)[:, None] + np.arange(k)) % int(args[1])
+            w[:] = 1.0 / k
+
+        return route
+
+    launches.function = function
+    numpy_cupy = _numpy_cupy(launches)
+    _fresh_cupy(monkeypatch, numpy_cupy)
+    monkeypatch.setattr(cuda, "_modules", {})
+    monkeypatch.setattr(cuda, "_functions", {})
+    monkeypatch.setattr(cuda, "POISON", True)  # NaN, not garbage, in the buffers no kernel writes
+
+    class Device(FakeDevice):
+        def expert_sum(self, slab, u, idx, w, rows):
+            return cuda_device.SlotSum(numpy_cupy, slab, u, idx, w)
+
+    monkeypatch.setattr(cuda_model, "CupyDevice", Device)
+    for options, where in ((dict(expert_cache="25%", cpu_moe=False), "slots"), (dict(expert_cache="min", cpu_moe=False), "slots"),
+                           (dict(cpu_moe=True), "host"), (dict(cpu_moe=True, expert_cache="25%"), "host")):
+        launches.count = {}
+        with lowmoe.Engine.from_pretrained(device="cuda", **options) as engine:
+            stats = engine.generate([3, 4, 5, 6], 3, stop_at_eos=False).stats
+            assert engine.model.where == where
+        routed = launches.count.get("moe_gate_up_bf16", 0) + launches.count.get("moe_group_gate_up_bf16", 0)
+        if where == "slots":
+            assert stats["misses"] > 0 and routed > 8  # the routed experts went through the kernels
+            assert isinstance(engine.model.experts.tier.slab.gate, np.ndarray)
+        else:
+            assert routed == 0  # the CPU computed them
