@@ -1,17 +1,19 @@
 """Where routed experts run when the GPU cannot hold them all: a cost model, not a fixed ratio.
 
 Per decode token and MoE layer, with k experts per token, hit rate h of the GPU cache, one expert
-of S bytes, host-to-device copy bandwidth B, one expert on the CPU in c seconds, and r seconds for
-the hidden state's round trip (u f32[D] to the host, the sum back):
+of S bytes, transfer bandwidth B (a miss: the slow tier's read into pinned staging, then the copy
+to the device; with experts in host memory the read is a memcpy, often slower than the copy), one
+expert on the CPU in c seconds, and r seconds for the hidden state's round trip (u f32[D] to the
+host, the sum back):
 
     GPU cache:  k * (1 - h) * S / B      (the misses' copies; hits cost next to nothing)
     CPU-MoE:    k * c + r                 (every expert on the CPU, from host memory)
 
-so the CPU wins when copying a missed expert takes longer than computing it on the CPU and there
-are enough misses to pay for the round trip. The GPU path's device time per expert (S over the
+so the CPU wins when moving a missed expert to the GPU takes longer than computing it on the CPU
+and there are enough misses to pay for the round trip. The GPU path's device time per expert (S over the
 GPU's memory bandwidth, microseconds) is left out: it is small next to either side.
 
-Measured at load: B and r by backend/cuda_device.py (CupyDevice.transfer_costs), c here
+Measured at load: B and r by backend/cuda_device.py (transfer_costs), c here
 (cpu_expert_seconds). The expected hit rate is the share of experts the cache holds (the rate
 under uniform routing; real routing favours some experts, so the GPU cache is if anything
 under-rated).
@@ -30,7 +32,7 @@ class Costs:
     """Measured inputs of the model (see the module docstring)."""
 
     expert_bytes: int  # S: gate + up + down of one expert
-    copy_bytes_s: float  # B: pinned host-to-device bytes per second
+    transfer_bytes_s: float  # B: slow tier -> pinned staging -> device, bytes per second
     cpu_expert_s: float  # c: one expert for one token on the CPU
     roundtrip_s: float  # r: hidden state to the host and back, with the sync
 
@@ -50,7 +52,7 @@ class Decision:
 
 def choose_cpu_moe(costs, top_k, hit_rate):
     """Decision for one model and cache: CPU-MoE when its predicted time per layer is lower."""
-    gpu = top_k * (1.0 - hit_rate) * costs.expert_bytes / costs.copy_bytes_s
+    gpu = top_k * (1.0 - hit_rate) * costs.expert_bytes / costs.transfer_bytes_s
     host = top_k * costs.cpu_expert_s + costs.roundtrip_s
     return Decision(cpu_moe=host < gpu, gpu_cache_s=gpu, cpu_moe_s=host, hit_rate=hit_rate)
 

@@ -93,9 +93,9 @@ def test_info_prints_the_vram_plan(capsys):
     assert "minimum is" in err and err.count("\n") == 1
 
 
-# Exact binary fractions: one expert 1 MiB at 1 GiB/s copies in 2^-10 s; the CPU takes 2^-12 s per
+# Exact binary fractions: one expert 1 MiB at 1 GiB/s moves in 2^-10 s; the CPU takes 2^-12 s per
 # expert and 2^-12 s for the round trip, so CPU-MoE costs 8 x 2^-12 + 2^-12 = 9 x 2^-12 s per layer.
-COSTS = Costs(expert_bytes=2**20, copy_bytes_s=2**30, cpu_expert_s=2**-12, roundtrip_s=2**-12)
+COSTS = Costs(expert_bytes=2**20, transfer_bytes_s=2**30, cpu_expert_s=2**-12, roundtrip_s=2**-12)
 
 
 @pytest.mark.parametrize("hit_rate,gpu_s,cpu_wins", [

@@ -87,25 +87,25 @@ class SlotSum:
         return self.out
 
 
-def transfer_costs(dev, nbytes, hidden, repeats=5):
-    """(B: pinned host-to-device bytes/s for `nbytes` copies, r: seconds of a hidden state f32[1,
-    hidden] to the host and back), medians of `repeats` after a warm-up, for hybrid.choose_cpu_moe."""
-    cp = dev.cp
-    src, dst = dev.pinned(nbytes), cp.empty(nbytes, np.uint8)
+def transfer_costs(dev, store, cfg, repeats=5):
+    """(B: bytes/s of one expert from the slow tier through pinned staging to the device, as a miss
+    moves it; r: seconds of a hidden state f32[1, D] to the host and back), medians of `repeats`
+    after a warm-up, for hybrid.choose_cpu_moe. Reads experts 0.. of the first MoE layer."""
+    cp, L = dev.cp, store.layout
+    staging, dst = dev.pinned(L.block), cp.empty(L.block, np.uint8)
     stream = dev.stream()
-    copies = []
-    for _ in range(repeats + 1):
-        start, end = cp.cuda.Event(), cp.cuda.Event()
-        start.record(stream)
-        dev.copy(dst, src, stream)
-        end.record(stream)
-        end.synchronize()
-        copies.append(cp.cuda.get_elapsed_time(start, end) / 1e3)
-    x = cp.zeros((1, hidden), np.float32)
+    moves = []
+    for e in range(repeats + 1):
+        t0 = time.perf_counter()
+        store.read(cfg.moe_layers[0], e % cfg.num_experts, staging)
+        dev.copy(dst, staging, stream)
+        stream.synchronize()
+        moves.append(time.perf_counter() - t0)
+    x = cp.zeros((1, cfg.hidden_size), np.float32)
     trips = []
     for _ in range(repeats + 1):
         t0 = time.perf_counter()
         x = cp.asarray(cp.asnumpy(x))
         cp.cuda.get_current_stream().synchronize()
         trips.append(time.perf_counter() - t0)
-    return nbytes / float(np.median(copies[1:])), float(np.median(trips[1:]))
+    return 3 * L.part / float(np.median(moves[1:])), float(np.median(trips[1:]))

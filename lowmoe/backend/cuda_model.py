@@ -160,10 +160,11 @@ def load_experts(cfg, dense, store, options):
         plan = plan_cache(options.expert_cache, cfg, slot, staging)
     dev = CupyDevice()
     if options.cpu_moe is None:
-        bandwidth, roundtrip = transfer_costs(dev, slot, cfg.hidden_size)
+        bandwidth, roundtrip = transfer_costs(dev, store, cfg)
         costs = Costs(slot, bandwidth, cpu_expert_seconds(store, cfg), roundtrip)
         decision = choose_cpu_moe(costs, cfg.top_k, plan.fraction)
-        log.info("lowmoe: %s (copy %.1f GB/s, CPU expert %.0f us, round trip %.0f us; SHARPI_CPU_MOE=0/1 forces one)",
+        log.info("lowmoe: %s (slow tier to GPU %.1f GB/s, CPU expert %.0f us, round trip %.0f us; SHARPI_CPU_MOE=0/1 "
+                 "forces one)",
                  decision.describe(), bandwidth / 1e9, costs.cpu_expert_s * 1e6, roundtrip * 1e6)
         if decision.cpu_moe:
             return _host_experts(cfg, store, options, staging), "host"
