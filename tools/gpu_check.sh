@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# The one-shot GPU check of lowmoe's CUDA kernels (issue 6), meant to finish in under 6 minutes:
+# The one-shot GPU check of lowmoe's CUDA kernels (issue 6) and GPU expert cache (issue 7), meant
+# to finish in under 10 minutes (under 6 with --skip-bench):
 #
-#     tools/gpu_check.sh OUTDIR
+#     tools/gpu_check.sh OUTDIR [--skip-bench]
 #
 # kernels against NumPy float64, GPU vs CPU greedy tokens (bundled model and transformers-made
-# checkpoints), decode GEMV bandwidth vs a device-to-device copy; see tools/gpu_check.py. Prints a
-# short table last; full logs in OUTDIR (gpu_check.log, summary.json, setup.log, nvidia-smi.txt).
+# checkpoints), the GPU expert cache and CPU-MoE vs the resident GPU run, decode GEMV bandwidth vs a
+# device-to-device copy, and the expert cache benchmark (tools/gpu_bench.py: reactive vs nextgate vs
+# oracle under a 12 GiB emulation at 8K context, CPU-MoE vs GPU cache); see tools/gpu_check.py.
+# Prints a short table last; full logs in OUTDIR (gpu_check.log, summary.json, gpu_bench.json,
+# setup.log, nvidia-smi.txt).
 # Exit status: 0 all passed, 1 something failed, 2 no usable GPU.
 #
 #   LOWMOE_GPU_VENV=DIR     virtual environment to use (default .venv-gpu); created when missing, and
@@ -49,4 +53,4 @@ if [ -z "$models" ]; then
     fi
 fi
 
-exec "$py" tools/gpu_check.py "$out" ${models:+--models "$models"}
+exec "$py" tools/gpu_check.py "$out" ${models:+--models "$models"} "${@:2}"

@@ -143,11 +143,11 @@ def load_experts(cfg, dense, store, options):
 
     cpu_moe True: "host" (an expert_cache budget is then the host cache's). Otherwise a
     vram_budget or expert_cache plans device slots; without either, every expert goes on the GPU.
-    With slots and cpu_moe unset, hybrid.choose_cpu_moe decides between the slots and "host" from
-    measured costs, and logs why."""
+    With slots and cpu_moe unset, hybrid.choose_cpu_moe decides between the slots and "host" (every
+    expert in host memory) from measured costs, and logs why."""
     staging = cfg.top_k * options.lookahead
     if options.cpu_moe:
-        return _host_experts(cfg, store, options, staging), "host"
+        return _host_experts(cfg, store, options, options.expert_cache, staging), "host"
     if options.vram_budget is None and options.expert_cache is None:
         check_fits(cfg, dense, store.layout)
         experts = DeviceExperts(store, cfg)
@@ -166,17 +166,18 @@ def load_experts(cfg, dense, store, options):
         log.info("lowmoe: %s (slow tier to GPU %.1f GB/s, CPU expert %.0f us, round trip %.0f us; SHARPI_CPU_MOE=0/1 "
                  "forces one)",
                  decision.describe(), bandwidth / 1e9, costs.cpu_expert_s * 1e6, roundtrip * 1e6)
-        if decision.cpu_moe:
-            return _host_experts(cfg, store, options, staging), "host"
+        if decision.cpu_moe:  # the budget was the GPU's: CPU-MoE holds every expert in host memory
+            return _host_experts(cfg, store, options, None, staging), "host"
     return device_experts(store, cfg, plan, dev, options.readers, options.read_timeout_s), "slots"
 
 
-def _host_experts(cfg, store, options, staging):
-    if options.expert_cache is None:
+def _host_experts(cfg, store, options, budget, staging):
+    """CPU-MoE: every expert in host memory, or a host expert cache of `budget`."""
+    if budget is None:
         experts = ResidentExperts(store, cfg)
         store.close()
         return experts
-    plan = plan_cache(options.expert_cache, cfg, store.layout.block, staging)
+    plan = plan_cache(budget, cfg, store.layout.block, staging)
     return OffloadedExperts(store, cfg, plan, options.readers, options.read_timeout_s)
 
 
