@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 import lowmoe
-from lowmoe.device_slots import device_experts, ring_entries
+from lowmoe.device_slots import DeviceSlots, device_experts, ring_entries
 from lowmoe.errors import StorageError
+from lowmoe.experts import OffloadedExperts
 
 from fake_device import FakeDevice
 
@@ -160,3 +161,17 @@ def test_a_failing_read_is_a_clear_error_and_frees_its_ring_entry():
             e.generate(PROMPT, 4)
     ring = e.model.experts.tier.ring  # the readers have stopped: every entry is back
     assert ring.free.qsize() == ring_entries(1, e.config.top_k)
+
+
+def test_one_ring_entry_and_slow_copies_still_give_the_cpu_output(reference):
+    """A ring entry is read again only after its copy has completed: with one entry and copies
+    slower than reads, every read waits for the previous copy, and the output stays exact."""
+    dev = FakeDevice(delay_s=0.005, seed=3)
+    with lowmoe.Engine.from_pretrained(expert_cache="25%", predictor="nextgate") as e:
+        cpu = e.model.experts
+        cpu.close()
+        plan = cpu.plan
+        tier = DeviceSlots(dev, cpu.tier.store, plan.slots + plan.staging, ring=1)
+        e.model.experts = OffloadedExperts(cpu.tier.store, e.config, plan, tier=tier)
+        tokens, logits, _ = run(e)
+    assert tokens == reference[0] and np.array_equal(logits, reference[1])
