@@ -18,6 +18,7 @@ import os
 import statistics
 import threading
 import time
+import zipfile
 
 import numpy as np
 
@@ -62,21 +63,28 @@ def load_context(engine, ids, room, cache_dir, progress=None):
     cfg = engine.config
     path = None if cache_dir is None else os.path.join(cache_dir, f"context-{_context_key(engine, ids)}.npz")
     if path is not None and os.path.isfile(path):
-        with np.load(path) as saved:
-            kv = KVCache(cfg, len(ids) + room)
-            for i in range(cfg.num_layers):
-                kv.k[i][:, : len(ids)] = saved[f"k{i}"]
-                kv.v[i][:, : len(ids)] = saved[f"v{i}"]
-            return Context(kv, saved["logits"], len(ids)), True
+        kv = KVCache(cfg, len(ids) + room)
+        try:
+            with np.load(path) as saved:
+                for i in range(cfg.num_layers):
+                    kv.k[i][:, : len(ids)] = saved[f"k{i}"]
+                    kv.v[i][:, : len(ids)] = saved[f"v{i}"]
+                return Context(kv, saved["logits"], len(ids)), True
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+            pass  # unreadable or not what it should be: built again below and overwritten
     context = engine.prefill(ids, room, chunk=512, progress=progress)
     if path is not None:
-        os.makedirs(cache_dir, exist_ok=True)
         arrays = {"logits": context.logits}
         for i in range(cfg.num_layers):
             arrays[f"k{i}"] = context.kv.k[i][:, : len(ids)]
             arrays[f"v{i}"] = context.kv.v[i][:, : len(ids)]
-        np.savez(path + ".tmp.npz", **arrays)  # written whole, then renamed: never half a file
-        os.replace(path + ".tmp.npz", path)
+        try:
+            os.makedirs(cache_dir, exist_ok=True)
+            np.savez(path + ".tmp.npz", **arrays)  # written whole, then renamed: never half a file
+            os.replace(path + ".tmp.npz", path)
+        except OSError as e:
+            raise InputError(f"{cache_dir}: cannot save the context there ({e.strerror}); "
+                             "give another --context-cache DIR, or none") from None
     return context, False
 
 

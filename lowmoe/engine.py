@@ -203,6 +203,8 @@ class Engine:
         """Like `stream`, from a prefilled Context (which stays reusable: each decode from it
         writes its new positions after the prompt's)."""
         check_params(temperature, top_p, top_k)
+        if max_new_tokens < 0:
+            raise InputError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         rng = np.random.default_rng(seed)
         kv, logits = context.kv, context.logits[None]
         kv.length = context.length

@@ -9,6 +9,7 @@ import pytest
 import lowmoe
 from lowmoe.bench import load_context, schedule, summarize
 from lowmoe.cli.__main__ import main as cli
+from lowmoe.errors import InputError
 
 IDS = [int(t) for t in np.random.default_rng(3).integers(1, 4096, 40)]
 
@@ -45,6 +46,19 @@ def test_context_cache_round_trip(engine, tmp_path):
         assert np.array_equal(built.kv.v[i][:, : len(IDS)], again.kv.v[i][:, : len(IDS)])
     other, loaded_other = load_context(engine, IDS[:-1], 4, str(tmp_path))  # other ids: another key
     assert not loaded_other and other.length == len(IDS) - 1
+
+
+def test_context_cache_damaged_file_is_rebuilt_and_unwritable_dir_is_one_error(engine, tmp_path):
+    built, _ = load_context(engine, IDS, 4, str(tmp_path))
+    (saved,) = tmp_path.glob("context-*.npz")
+    saved.write_bytes(saved.read_bytes()[:1000])  # truncated
+    again, loaded = load_context(engine, IDS, 4, str(tmp_path))
+    assert not loaded and np.array_equal(again.logits, built.logits)
+    assert load_context(engine, IDS, 4, str(tmp_path))[1]  # the rebuilt file is whole again
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(InputError, match="cannot save the context"):
+        load_context(engine, IDS, 4, str(blocker / "sub"))
 
 
 def test_summarize_medians_and_ratios():
