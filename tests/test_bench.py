@@ -119,6 +119,12 @@ def test_bench_bad_input_is_one_line(extra, message, tmp_path, capsys):
     assert len(err.splitlines()) == 1 and message in err
 
 
+def test_bench_refuses_an_expert_cache_from_the_environment(monkeypatch, capsys):
+    monkeypatch.setenv("SHARPI_EXPERT_CACHE", "25%")
+    assert cli(["bench", "--context", "16", "--context-cache", "none"]) == 2
+    assert "unset SHARPI_EXPERT_CACHE" in capsys.readouterr().err
+
+
 def test_bench_prompt_file_too_short(tmp_path, capsys):
     prompt = tmp_path / "short.txt"
     prompt.write_text("In the beginning")

@@ -45,6 +45,8 @@ def main(args):
                                ("--repeats", args.repeats, 1)):
         if value < least:
             raise InputError(f"{name} must be >= {least}, got {value}")
+    if os.environ.get("SHARPI_EXPERT_CACHE"):  # it would turn the resident engine (`none`) into a cache
+        raise InputError("lowmoe bench sets the expert cache itself (--expert-cache): unset SHARPI_EXPERT_CACHE")
     err = Console(stderr=True)
     resident = Engine.from_pretrained(model, storage=args.storage)
     try:
