@@ -11,26 +11,31 @@ from .backend import cpu
 
 
 class KVCache:
-    """Keys and values of every layer: k[layer], v[layer] f32[KV, capacity, hd], grown by doubling."""
+    """Keys and values of every layer: k[layer], v[layer] f32[KV, capacity, hd], grown by doubling.
+    `xp` is the array module holding them (CuPy in backend/cuda_model.DeviceKVCache)."""
+
+    xp = np
 
     def __init__(self, cfg, capacity=256):
         self.cfg = cfg
         self.length = 0
         shape = (cfg.num_kv_heads, capacity, cfg.head_dim)
-        self.k = [np.zeros(shape, np.float32) for _ in range(cfg.num_layers)]
-        self.v = [np.zeros(shape, np.float32) for _ in range(cfg.num_layers)]
+        self.k = [self.xp.zeros(shape, np.float32) for _ in range(cfg.num_layers)]
+        self.v = [self.xp.zeros(shape, np.float32) for _ in range(cfg.num_layers)]
 
     def reserve(self, length):
+        """Room for `length` positions -> True when the cache had to grow."""
         capacity = self.k[0].shape[1]
         if length <= capacity:
-            return
+            return False
         while capacity < length:
             capacity *= 2
         for cache in (self.k, self.v):
             for i, old in enumerate(cache):
-                new = np.zeros((old.shape[0], capacity, old.shape[2]), np.float32)
+                new = self.xp.zeros((old.shape[0], capacity, old.shape[2]), np.float32)
                 new[:, : self.length] = old[:, : self.length]
                 cache[i] = new
+        return True
 
 
 def rope_tables(cfg, positions):

@@ -27,13 +27,20 @@ class GatedStore:
         return dest.size
 
 
-def test_demand_before_hints_merging_and_ready_signals():
+def _blocked_reader():
+    """A one-thread scheduler whose reader has taken a first hint and blocks on it, so that later
+    requests queue: (store, slab, scheduler, that first request)."""
     store = GatedStore()
     slab = Slab(store.layout, 8)
     r = ReadScheduler(lambda key, slot: store.read(*key, slab.block(slot)), threads=1, timeout_s=5)
     first = r.submit((0, 0), 0, HINT)  # taken by the one reader, which then blocks
     while not store.order:
         pass
+    return store, slab, r, first
+
+
+def test_demand_before_hints_merging_and_ready_signals():
+    store, slab, r, first = _blocked_reader()
     hints = [r.submit((1, e), 1 + e, HINT) for e in range(3)]
     demand = r.submit((2, 0), 5, DEMAND)
     assert r.submit((2, 0), 5, HINT) is demand  # merged
@@ -50,12 +57,7 @@ def test_demand_before_hints_merging_and_ready_signals():
 
 
 def test_cancel_drops_only_reads_not_yet_started():
-    store = GatedStore()
-    slab = Slab(store.layout, 8)
-    r = ReadScheduler(lambda key, slot: store.read(*key, slab.block(slot)), threads=1, timeout_s=5)
-    first = r.submit((0, 0), 0, HINT)  # taken by the one reader, which then blocks
-    while not store.order:
-        pass
+    store, slab, r, first = _blocked_reader()
     queued = [r.submit((1, e), 1 + e, HINT) for e in range(3)]
     slab.block(2)[:] = 255
     assert not r.cancel(first)  # in flight: it will finish

@@ -11,7 +11,6 @@ exists (--learned FILE; train it on other text, e.g. `lowmoe train-predictor --c
 """
 
 import argparse
-import importlib.util
 import os
 
 import numpy as np
@@ -19,20 +18,10 @@ import numpy as np
 import lowmoe
 from lowmoe.model import KVCache
 from lowmoe.predict.learned import FILENAME, Learned
-
-_TRAIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_default_model.py")
-
+from train_default_model import token_stream  # beside this tool
 
 def held_out_ids(engine, n):
-    spec = importlib.util.spec_from_file_location("train_default_model", _TRAIN)
-    train = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train)
-    eot = engine.tokenizer.token_to_id("<|endoftext|>")
-    ids = []
-    for chapter in train.kjv_chapters():
-        ids.extend(engine.encode(chapter))
-        ids.append(eot)
-    return ids[-n:]
+    return token_stream(engine.encode, engine.tokenizer.token_to_id("<|endoftext|>"))[-n:]
 
 
 def per_layer_recall(predictor, ids, learned_file):

@@ -20,7 +20,6 @@ OUT/packed (`lowmoe pack` of it) and bench_prompt.txt in both.
 """
 
 import argparse
-import importlib.util
 import json
 import os
 import shutil
@@ -33,23 +32,9 @@ import lowmoe
 from lowmoe.cli.train_predictor import record, train, train_pregate
 from lowmoe.pack import pack_model
 from lowmoe.predict.learned import FILENAME, save
+from train_default_model import token_stream  # beside this tool
 
-TOOLS = os.path.dirname(os.path.abspath(__file__))
 PROMPT = "bench_prompt.txt"
-
-
-def kjv_token_ids(engine):
-    """The whole KJV as the bundled tokenizer's ids, one eos token after each chapter (the
-    training stream of tools/train_default_model.py, whose last 16384 tokens were held out)."""
-    spec = importlib.util.spec_from_file_location("train_default_model", os.path.join(TOOLS, "train_default_model.py"))
-    train_mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train_mod)
-    eot = engine.tokenizer.token_to_id("<|endoftext|>")
-    ids = []
-    for chapter in train_mod.kjv_chapters():
-        ids.extend(engine.encode(chapter))
-        ids.append(eot)
-    return ids
 
 
 def widen(src, out, inter, kv_heads, heads, seed):
@@ -126,7 +111,7 @@ def main():
         raise SystemExit(f"{args.out}: already exists; remove it first")
 
     with lowmoe.Engine.from_pretrained(src, expert_cache="100%", predictor="none") as e:
-        ids = kjv_token_ids(e)
+        ids = token_stream(e.encode, e.tokenizer.token_to_id("<|endoftext|>"))  # the training stream
         rec = record(e, ids[: args.calib_tokens], args.calib_tokens, 0)
         learned, heads = train(e, rec), train_pregate(e, rec)
         # The held-out end of the KJV, cut to whole tokens and kept as text.

@@ -50,6 +50,16 @@ def kjv_chapters():
         yield " ".join(chapter)
 
 
+def token_stream(encode, eot):
+    """The training stream: each chapter's ids (encode(text) -> ids), then the eot id. main() holds
+    out its last seq * 64 tokens (16384 by default): the end of Revelation."""
+    ids = []
+    for chapter in kjv_chapters():
+        ids.extend(encode(chapter))
+        ids.append(eot)
+    return ids
+
+
 def train_tokenizer(texts, vocab_size):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -120,11 +130,7 @@ def main():
     tok = train_tokenizer(texts, args.vocab)
     tok.save(os.path.join(args.out, "tokenizer.json"))
     eot = tok.token_to_id("<|endoftext|>")
-    ids = []
-    for t in texts:
-        ids.extend(tok.encode(t).ids)
-        ids.append(eot)
-    data = np.array(ids, dtype=np.int64)
+    data = np.array(token_stream(lambda text: tok.encode(text).ids, eot), dtype=np.int64)
     n_val = args.seq * 64
     train, val = data[:-n_val], data[-n_val:]
     print(f"corpus: {len(texts)} chapters, {len(data)} tokens", flush=True)

@@ -24,7 +24,7 @@ from ..device_slots import device_experts
 from ..errors import DeviceError, InputError
 from ..experts import OffloadedExperts, ResidentExperts
 from ..hybrid import Costs, choose_cpu_moe, cpu_expert_seconds
-from ..model import rope_tables
+from ..model import KVCache, rope_tables
 from ..slots import Slab
 from ..vram import plan_vram
 from ..weights import FFN, Attention, Layer, Matrix, Weights
@@ -34,37 +34,24 @@ from .cuda_device import CupyDevice, transfer_costs
 log = logging.getLogger("lowmoe")
 
 
-class DeviceKVCache:
-    """model.KVCache on the GPU: k[layer], v[layer] f32[KV, capacity, hd], grown by doubling; plus
-    the RoPE tables cos, sin f32[capacity, hd/2] of every position it can hold."""
+class DeviceKVCache(KVCache):
+    """model.KVCache on the GPU, plus the RoPE tables cos, sin f32[capacity, hd/2] of every
+    position it can hold."""
 
     def __init__(self, cfg, capacity=256):
-        cp = cuda.cupy()
-        self.cfg = cfg
-        self.length = 0
-        shape = (cfg.num_kv_heads, capacity, cfg.head_dim)
-        self.k = [cp.zeros(shape, np.float32) for _ in range(cfg.num_layers)]
-        self.v = [cp.zeros(shape, np.float32) for _ in range(cfg.num_layers)]
+        self.xp = cuda.cupy()
+        super().__init__(cfg, capacity)
         self._tables(capacity)
 
     def _tables(self, capacity):
-        cp = cuda.cupy()
         cos, sin = rope_tables(self.cfg, np.arange(capacity))
-        self.cos, self.sin = cp.asarray(cos), cp.asarray(sin)
+        self.cos, self.sin = self.xp.asarray(cos), self.xp.asarray(sin)
 
     def reserve(self, length):
-        cp = cuda.cupy()
-        capacity = self.k[0].shape[1]
-        if length <= capacity:
-            return
-        while capacity < length:
-            capacity *= 2
-        for cache in (self.k, self.v):
-            for i, old in enumerate(cache):
-                new = cp.zeros((old.shape[0], capacity, old.shape[2]), np.float32)
-                new[:, : self.length] = old[:, : self.length]
-                cache[i] = new
-        self._tables(capacity)
+        grew = super().reserve(length)
+        if grew:
+            self._tables(self.k[0].shape[1])
+        return grew
 
 
 class DeviceExperts:
