@@ -72,37 +72,69 @@ __device__ __forceinline__ float block_max(float v, float* scratch) {
 }
 
 // One warp: lane-partial dot products of one weight row W[n] with NT activation rows xs[t] f32[n]
-// (t < nt; the rest are left 0). Each weight is loaded once for all NT rows, 16 bytes per lane per
-// step when the row is 16-byte aligned and n a multiple of the vector width (the bandwidth path),
-// element by element otherwise (odd shapes). The caller reduces acc with warp_sum.
+// (t < nt; the rest are left 0), in the fixed order that lowmoe/backend/exact.py computes on the CPU
+// bit for bit: lane l keeps VN partials, partial i summing w[e] * x[e] for e = (32 v + l) VN + i,
+// v = 0, 1, ... in turn, each product and sum rounded on its own (__fmul_rn / __fadd_rn: no FMA);
+// then its VN partials are halved (a[i] += a[i + h], h = VN/2 .. 1). The caller reduces the lanes
+// with warp_sum (lane 0's xor butterfly is the CPU's halving of 32 lane sums). Each weight is
+// loaded once for all NT rows, 16 bytes per lane per step when the row is 16-byte aligned and n a
+// multiple of VN (the bandwidth path), element by element otherwise (odd shapes, same order).
 template <typename W, int NT>
 __device__ __forceinline__ void row_dot(const W* row, int n, const float* const xs[NT], int nt, float acc[NT]) {
     const int lane = threadIdx.x & 31;
     const int VN = Vec<W>::N;
+    float a[NT][VN];
 #pragma unroll
-    for (int t = 0; t < NT; t++) acc[t] = 0.0f;
-    if (n % VN == 0 && ((unsigned long long)row & 15) == 0) {
-        const uint4* r4 = (const uint4*)row;
-        for (int v = lane; v < n / VN; v += 32) {
-            float w[VN];
-            unpack(r4[v], w, W());
+    for (int t = 0; t < NT; t++)
 #pragma unroll
-            for (int t = 0; t < NT; t++) {
-                if (t < nt) {
-                    const float* x = xs[t] + v * VN;
+        for (int i = 0; i < VN; i++) a[t][i] = 0.0f;
+    const bool vec = n % VN == 0 && ((unsigned long long)row & 15) == 0;
+    for (int v = lane; v * VN < n; v += 32) {
+        const int e0 = v * VN;
+        float w[VN];
+        if (vec) {
+            unpack(((const uint4*)row)[v], w, W());
+        } else {
 #pragma unroll
-                    for (int i = 0; i < VN; i++) acc[t] = fmaf(w[i], x[i], acc[t]);
-                }
+            for (int i = 0; i < VN; i++) w[i] = e0 + i < n ? to_f32(row[e0 + i]) : 0.0f;
+        }
+#pragma unroll
+        for (int t = 0; t < NT; t++) {
+            if (t < nt) {
+#pragma unroll
+                for (int i = 0; i < VN; i++)
+                    if (vec || e0 + i < n) a[t][i] = __fadd_rn(a[t][i], __fmul_rn(w[i], xs[t][e0 + i]));
             }
         }
-    } else {
-        for (int i = lane; i < n; i += 32) {
-            float w = to_f32(row[i]);
+    }
 #pragma unroll
-            for (int t = 0; t < NT; t++)
-                if (t < nt) acc[t] = fmaf(w, xs[t][i], acc[t]);
-        }
+    for (int t = 0; t < NT; t++) {
+#pragma unroll
+        for (int h = VN / 2; h >= 1; h >>= 1)
+#pragma unroll
+            for (int i = 0; i < h; i++) a[t][i] = __fadd_rn(a[t][i], a[t][i + h]);
+        acc[t] = a[t][0];
     }
 }
 
-__device__ __forceinline__ float silu(float g) { return g / (1.0f + expf(-g)); }
+// exp(t) from IEEE f32 products and sums only, as lowmoe/backend/exact.py's exact_exp computes it
+// (CUDA's expf and the CPU's libm differ in the last bit): t = n ln2 + r, |r| <= ln2 / 2, Taylor
+// terms up to r^7, times 2^n (two steps when the result is subnormal or n = 128).
+__device__ __forceinline__ float exact_exp(float t) {
+    if (t != t) return t;
+    if (t > 0x1.62e43p+6f) return __int_as_float(0x7f800000);  // exp overflows f32
+    if (t < -0x1.9fe36ap+6f) return 0.0f;  // exp underflows to 0
+    const int n = (int)floorf(__fadd_rn(__fmul_rn(t, 0x1.715476p+0f), 0.5f));  // log2(e)
+    const float fn = (float)n;  // ln 2 = 0x1.62e4p-1 + 0x1.7f7d1cp-20; fn * the first is exact
+    const float r = __fsub_rn(__fsub_rn(t, __fmul_rn(fn, 0x1.62e4p-1f)), __fmul_rn(fn, 0x1.7f7d1cp-20f));
+    const float c[8] = {0x1p+0f, 0x1p+0f, 0x1p-1f, 0x1.555556p-3f, 0x1.555556p-5f, 0x1.111112p-7f, 0x1.6c16c2p-10f,
+                        0x1.a01a02p-13f};  // 1 / i!
+    float p = c[7];
+#pragma unroll
+    for (int i = 6; i >= 0; i--) p = __fadd_rn(__fmul_rn(p, r), c[i]);
+    if (n < -126) return __fmul_rn(__fmul_rn(p, __int_as_float((n + 64 + 127) << 23)), 0x1p-64f);
+    if (n > 127) return __fmul_rn(__fmul_rn(p, __int_as_float((n - 64 + 127) << 23)), 0x1p+64f);
+    return __fmul_rn(p, __int_as_float((n + 127) << 23));
+}
+
+__device__ __forceinline__ float silu(float g) { return __fdiv_rn(g, __fadd_rn(1.0f, exact_exp(-g))); }

@@ -2,12 +2,17 @@
 // expert's weights are read once per 8 of its tokens instead of once per token.
 //   moe_sort_i32:       idx int32[n = T * k] -> offsets int32[E + 1] (group e is entries
 //                       offsets[e]..offsets[e+1]-1), order int32[n] (entry t * k + j of each group
-//                       slot), pos int32[n] (its inverse). Single block; the order inside a group
+//                       slot). Entries idx < 0 are skipped. Single block; the order inside a group
 //                       comes from atomics and varies, but each slot is computed on its own, so
 //                       results do not depend on it.
 //   moe_group_gate_up:  h f32[n, I], h[p] = silu(gate_e @ x[t]) * (up_e @ x[t]), t = order[p] / k.
-//   moe_group_down:     y f32[n, D], y[p] = down_e @ h[p].
-//   moe_combine_f32:    out f32[T, D], out[t] = sum_j w[t, j] * y[pos[t * k + j]].
+//   moe_group_down:     y f32[n, D], y[order[p]] = down_e @ h[p]: row t * k + j is token t's j-th
+//                       expert, as expert_gemv.cu's moe_down writes it (rows of skipped entries
+//                       are left as they are).
+//   moe_combine_f32:    out f32[T, D], out[t] = ((0 + w[t, 0] y[t k]) + w[t, 1] y[t k + 1]) + ...,
+//                       every product and sum rounded on its own (exact.combine on the CPU).
+// Per token, every result is bit for bit what decode (expert_gemv.cu) and lowmoe/backend/exact.py
+// compute: common.cuh's row_dot order does not depend on how many tokens share a weight load.
 // Layout: x f32[T, D]; stacked experts gate, up [E, I, D], down [E, D, I] as stored; w f32[T, k].
 // Launch: group kernels: 256 threads = 8 warps, one warp per weight row, grid (ceil(rows / 8), E);
 // each warp walks its expert's group 8 tokens at a time (empty groups exit at once). sort: 1024
@@ -19,13 +24,14 @@
 // tiled GEMM would be the next step for long prompts.
 #include "common.cuh"
 
-extern "C" __global__ void moe_sort_i32(const int* idx, int n, int E, int* offsets, int* order, int* pos) {
+extern "C" __global__ void moe_sort_i32(const int* idx, int n, int E, int* offsets, int* order) {
     extern __shared__ int sm[];  // count[E], cursor[E]
     int* count = sm;
     int* cursor = sm + E;
     for (int e = threadIdx.x; e < E; e += blockDim.x) count[e] = 0;
     __syncthreads();
-    for (int p = threadIdx.x; p < n; p += blockDim.x) atomicAdd(&count[idx[p]], 1);
+    for (int p = threadIdx.x; p < n; p += blockDim.x)
+        if (idx[p] >= 0) atomicAdd(&count[idx[p]], 1);
     __syncthreads();
     if (threadIdx.x == 0) {
         int acc = 0;
@@ -37,11 +43,8 @@ extern "C" __global__ void moe_sort_i32(const int* idx, int n, int E, int* offse
         offsets[E] = acc;
     }
     __syncthreads();
-    for (int p = threadIdx.x; p < n; p += blockDim.x) {
-        const int slot = atomicAdd(&cursor[idx[p]], 1);
-        order[slot] = p;
-        pos[p] = slot;
-    }
+    for (int p = threadIdx.x; p < n; p += blockDim.x)
+        if (idx[p] >= 0) order[atomicAdd(&cursor[idx[p]], 1)] = p;
 }
 
 template <typename W>
@@ -64,13 +67,13 @@ __device__ void moe_group_gate_up(const float* x, const int* order, const int* o
 #pragma unroll
         for (int t = 0; t < NT; t++) {
             const float gs = warp_sum(g[t]), us = warp_sum(u[t]);
-            if ((threadIdx.x & 31) == 0 && t < nt) h[(long long)(p0 + t) * I + i] = silu(gs) * us;
+            if ((threadIdx.x & 31) == 0 && t < nt) h[(long long)(p0 + t) * I + i] = __fmul_rn(silu(gs), us);
         }
     }
 }
 
 template <typename W>
-__device__ void moe_group_down(const float* h, const int* offsets, const W* down, float* y, int D, int I) {
+__device__ void moe_group_down(const float* h, const int* order, const int* offsets, const W* down, float* y, int D, int I) {
     const int d = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     const long long e = blockIdx.y;
     if (d >= D) return;
@@ -86,17 +89,17 @@ __device__ void moe_group_down(const float* h, const int* offsets, const W* down
 #pragma unroll
         for (int t = 0; t < NT; t++) {
             const float s = warp_sum(a[t]);
-            if ((threadIdx.x & 31) == 0 && t < nt) y[(long long)(p0 + t) * D + d] = s;
+            if ((threadIdx.x & 31) == 0 && t < nt) y[(long long)order[p0 + t] * D + d] = s;
         }
     }
 }
 
-extern "C" __global__ void moe_combine_f32(const float* y, const int* pos, const float* w, float* out, int k, int D) {
+extern "C" __global__ void moe_combine_f32(const float* y, const float* w, float* out, int k, int D) {
     const int d = blockIdx.x * blockDim.x + threadIdx.x;
     const long long t = blockIdx.y;
     if (d >= D) return;
     float acc = 0.0f;
-    for (int j = 0; j < k; j++) acc = fmaf(w[t * k + j], y[(long long)pos[t * k + j] * D + d], acc);
+    for (int j = 0; j < k; j++) acc = __fadd_rn(acc, __fmul_rn(w[t * k + j], y[(t * k + j) * D + d]));
     out[t * D + d] = acc;
 }
 
@@ -104,20 +107,23 @@ extern "C" __global__ void moe_group_gate_up_f32(const float* x, const int* orde
                                              const float* gate, const float* up, float* h, int k, int D, int I) {
     moe_group_gate_up(x, order, offsets, gate, up, h, k, D, I);
 }
-extern "C" __global__ void moe_group_down_f32(const float* h, const int* offsets, const float* down, float* y, int D, int I) {
-    moe_group_down(h, offsets, down, y, D, I);
+extern "C" __global__ void moe_group_down_f32(const float* h, const int* order, const int* offsets, const float* down, float* y,
+                                               int D, int I) {
+    moe_group_down(h, order, offsets, down, y, D, I);
 }
 extern "C" __global__ void moe_group_gate_up_f16(const float* x, const int* order, const int* offsets,
                                              const Half* gate, const Half* up, float* h, int k, int D, int I) {
     moe_group_gate_up(x, order, offsets, gate, up, h, k, D, I);
 }
-extern "C" __global__ void moe_group_down_f16(const float* h, const int* offsets, const Half* down, float* y, int D, int I) {
-    moe_group_down(h, offsets, down, y, D, I);
+extern "C" __global__ void moe_group_down_f16(const float* h, const int* order, const int* offsets, const Half* down, float* y,
+                                               int D, int I) {
+    moe_group_down(h, order, offsets, down, y, D, I);
 }
 extern "C" __global__ void moe_group_gate_up_bf16(const float* x, const int* order, const int* offsets,
                                              const BFloat* gate, const BFloat* up, float* h, int k, int D, int I) {
     moe_group_gate_up(x, order, offsets, gate, up, h, k, D, I);
 }
-extern "C" __global__ void moe_group_down_bf16(const float* h, const int* offsets, const BFloat* down, float* y, int D, int I) {
-    moe_group_down(h, offsets, down, y, D, I);
+extern "C" __global__ void moe_group_down_bf16(const float* h, const int* order, const int* offsets, const BFloat* down, float* y,
+                                               int D, int I) {
+    moe_group_down(h, order, offsets, down, y, D, I);
 }

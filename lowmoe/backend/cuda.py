@@ -183,10 +183,11 @@ def router_topk(logits, k, renorm, idx, w):
             shared_mem=4 * E)
 
 
-def expert_ffn(x, gate, up, down, dtype, idx, w, out):
-    """out[t] = sum_j w[t, j] * down_e @ (silu(gate_e @ x[t]) * (up_e @ x[t])), e = idx[t, j]:
-    x f32[T, D]; gate, up [E, I, D], down [E, D, I] (a layer's experts stacked); idx int32[T, k] and
-    w f32[T, k] on the device; out f32[T, D]. One token: the decode GEMVs; more: grouped by expert."""
+def expert_rows(x, gate, up, down, dtype, idx, y):
+    """y[t * k + j] = down_e @ (silu(gate_e @ x[t]) * (up_e @ x[t])), e = idx[t, j], in the fixed
+    arithmetic that exact.expert_rows reproduces on the CPU; rows with idx < 0 are left as they are.
+    x f32[T, D]; gate, up [E, I, D], down [E, D, I] (a layer's experts stacked); idx int32[T, k] on the
+    device; y f32[T * k, D]. One token: the decode GEMVs; more: grouped by expert."""
     T, D = x.shape
     E, I, _ = gate.shape
     k = idx.shape[1]
@@ -194,15 +195,29 @@ def expert_ffn(x, gate, up, down, dtype, idx, w, out):
     if T == 1:
         h = buffer((k, I))
         _launch("expert_gemv.cu", f"moe_gate_up_{dtype}", (math.ceil(I / 8), k), 256, (x, idx, gate, up, h, np.int32(D), np.int32(I)))
-        _launch("expert_gemv.cu", f"moe_down_{dtype}", (math.ceil(D / 8),), 256,
-                (h, idx, w, down, out, np.int32(k), np.int32(D), np.int32(I)))
+        _launch("expert_gemv.cu", f"moe_down_{dtype}", (math.ceil(D / 8), k), 256, (h, idx, down, y, np.int32(D), np.int32(I)))
         return
     n = T * k
-    offsets, order, pos = buffer(E + 1, np.int32), buffer(n, np.int32), buffer(n, np.int32)
-    _launch("expert_gemm.cu", "moe_sort_i32", (1,), 1024, (idx, np.int32(n), np.int32(E), offsets, order, pos), shared_mem=8 * E)
+    offsets, order = buffer(E + 1, np.int32), buffer(n, np.int32)
+    _launch("expert_gemm.cu", "moe_sort_i32", (1,), 1024, (idx, np.int32(n), np.int32(E), offsets, order), shared_mem=8 * E)
     h = buffer((n, I))
     _launch("expert_gemm.cu", f"moe_group_gate_up_{dtype}", (math.ceil(I / 8), E), 256,
             (x, order, offsets, gate, up, h, np.int32(k), np.int32(D), np.int32(I)))
-    y = buffer((n, D))
-    _launch("expert_gemm.cu", f"moe_group_down_{dtype}", (math.ceil(D / 8), E), 256, (h, offsets, down, y, np.int32(D), np.int32(I)))
-    _launch("expert_gemm.cu", "moe_combine_f32", (math.ceil(D / 256), T), 256, (y, pos, w, out, np.int32(k), np.int32(D)))
+    _launch("expert_gemm.cu", f"moe_group_down_{dtype}", (math.ceil(D / 8), E), 256,
+            (h, order, offsets, down, y, np.int32(D), np.int32(I)))
+
+
+def expert_combine(y, w, out):
+    """out[t] = ((0 + w[t, 0] y[t k]) + w[t, 1] y[t k + 1]) + ... (exact.combine): y f32[T * k, D],
+    w f32[T, k], out f32[T, D], on the device."""
+    T, k = w.shape
+    D = out.shape[1]
+    _launch("expert_gemm.cu", "moe_combine_f32", (math.ceil(D / 256), T), 256, (y, w, out, np.int32(k), np.int32(D)))
+
+
+def expert_ffn(x, gate, up, down, dtype, idx, w, out):
+    """out[t] = sum_j w[t, j] * down_e @ (silu(gate_e @ x[t]) * (up_e @ x[t])), e = idx[t, j]:
+    expert_rows, then expert_combine; the arguments as theirs, out f32[T, D]."""
+    y = buffer((idx.size, x.shape[1]))
+    expert_rows(x, gate, up, down, dtype, idx, y)
+    expert_combine(y, w, out)
