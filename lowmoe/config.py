@@ -188,10 +188,11 @@ def parse_model_config(cfg, path="config.json"):
 DEVICES = ("cpu", "cuda")
 STORAGE_KINDS = ("checkpoint", "packed", "ram")
 PREDICTORS = ("none", "nextgate", "history", "learned", "pregate", "oracle")
+MISS_POLICIES = ("wait", "cpu", "auto")
 # EngineConfig field -> environment variable; an option given to the API or CLI wins.
 ENV_VARS = {"expert_cache": "SHARPI_EXPERT_CACHE", "storage": "SHARPI_STORAGE", "readers": "SHARPI_READERS",
             "cpu_moe": "SHARPI_CPU_MOE", "predictor": "SHARPI_MOE_PREDICTOR", "lookahead": "SHARPI_MOE_LOOKAHEAD",
-            "vram_budget": "SHARPI_VRAM_BUDGET"}
+            "vram_budget": "SHARPI_VRAM_BUDGET", "miss_policy": "SHARPI_MISS_POLICY"}
 
 
 @dataclass(frozen=True)
@@ -208,6 +209,9 @@ class EngineConfig:
     read_timeout_s: float = 30.0
     cpu_moe: bool = None  # experts computed on the CPU; None: on cpu the CPU, on cuda the GPU when every
     # expert fits there, else decided by a cost model (hybrid.py)
+    miss_policy: str = None  # GPU expert cache, a decode miss whose copy is in flight: MISS_POLICIES; "wait"
+    # for the copy, "cpu": compute it on the CPU from the pinned staging, "auto" (None): the cost model
+    # picks (hybrid.misses_on_cpu); the output is the same either way (backend/exact.py)
     predictor: str = None  # hints for the expert cache: PREDICTORS; None: pregate if the checkpoint has
     # heads, else learned if fitted, else nextgate
     oracle_trace: str = None  # the `--trace` file of an earlier run of the same input, for "oracle"
@@ -236,6 +240,12 @@ class EngineConfig:
         if (c.predictor == "oracle") != (c.oracle_trace is not None):
             raise InputError("predictor 'oracle' and oracle_trace (a trace file of an earlier run of the same "
                              "input) go together")
+        if c.miss_policy is not None:
+            if c.miss_policy not in MISS_POLICIES:
+                raise InputError(f"miss policy {c.miss_policy!r}: expected one of {', '.join(MISS_POLICIES)}")
+            if c.device != "cuda" or c.cpu_moe:
+                raise InputError("a miss policy (--miss-policy / SHARPI_MISS_POLICY) chooses where the GPU expert "
+                                 "cache computes a miss: it needs device 'cuda' and experts on the GPU")
         if c.lookahead not in (1, 2):
             raise InputError(f"lookahead must be 1 or 2, got {c.lookahead}")
         if c.readers < 1:

@@ -11,20 +11,28 @@ that event has completed (the copy has read it). The copy stream first waits for
 recorded after the last compute that read the slot, so a new expert never overwrites one that a
 queued kernel still has to read.
 
-Compute: a layer's experts are summed by the device in groups (all of a layer's experts at once
-unless a prefill routes to more experts than there are slots). Before a group's kernel the compute
-stream waits on the transfer event of each slot the group reads, and of no other slot: a hint still
+Compute: a layer's experts are computed by the device in groups (all of a layer's experts at once
+unless a prefill routes to more experts than there are slots), each expert's output into its own
+row, and the rows are summed in rank order at the end. Before a group's kernel the compute stream
+waits on the transfer event of each slot the group reads, and of no other slot: a hint still
 copying for a later layer never delays this one.
+
+Misses on the CPU (`cpu_misses`, from --miss-policy): in decode, an expert whose read has landed in
+the ring but whose copy is still in flight is computed by the CPU from the ring entry (held out of
+the ring meanwhile), with exact.expert_rows, while the device computes the others; its row is
+uploaded. That kernel computes the device kernels' exact bits, so which experts went where never
+changes the output.
 
 `dev` is the device: backend/cuda_device.py's CupyDevice, or a fake in the tests with the same
 methods (empty, pinned, stream, compute, copy, record, wait, synchronize, expert_sum).
 """
 
-import queue
+import collections
 import threading
 
-from .experts import OffloadedExperts
-from .slots import ALIGN, _NP
+from .backend import exact
+from .experts import OffloadedExperts, _expert_out
+from .slots import ALIGN, _NP, block_ffn
 
 ROLES = ("gate", "up", "down")
 
@@ -47,41 +55,77 @@ class DeviceSlab:
 
 class StagingRing:
     """`n` pinned host buffers of one slot block each (ALIGN-aligned, as O_DIRECT reads need); an
-    entry is handed out again only after the copy that last read it has completed."""
+    entry is handed out again only after the copy that last read it has completed. A free entry
+    remembers the slot whose bytes it holds, so a miss can be computed from it (hold)."""
 
     def __init__(self, dev, layout, n):
         self.dev = dev
         buf = dev.pinned(n * layout.block).reshape(n, layout.block)
         assert buf.ctypes.data % ALIGN == 0 and layout.block % ALIGN == 0
         self.nbytes = buf.nbytes
-        self.free = queue.Queue()  # (entry uint8[block], event of its last copy or None)
-        for i in range(n):
-            self.free.put((buf[i], None))
+        self.n = n
+        self.cond = threading.Condition()
+        self.free = collections.deque((buf[i], None, None) for i in range(n))  # (entry, event of its last copy, slot)
 
     def take(self):
-        entry, event = self.free.get()
+        with self.cond:
+            while not self.free:
+                self.cond.wait()
+            entry, event, _ = self.free.popleft()
         if event is not None:
             self.dev.synchronize(event)
         return entry
 
-    def give(self, entry, event):
-        self.free.put((entry, event))
+    def give(self, entry, event, slot=None):
+        """Returns `entry`; `slot`: the slot its bytes were copied to (they are that slot's now)."""
+        with self.cond:
+            if slot is not None:  # an older entry of the slot holds an expert the slot no longer has
+                self.free = collections.deque((en, ev, None if s == slot else s) for en, ev, s in self.free)
+            self.free.append((entry, event, slot))
+            self.cond.notify()
+
+    def hold(self, slot):
+        """(entry, event) of the free entry holding `slot`'s bytes, out of the ring until given back;
+        None once a reader has taken it for another read."""
+        with self.cond:
+            for i, (entry, event, s) in enumerate(self.free):
+                if s == slot:
+                    del self.free[i]
+                    return entry, event
+        return None
 
 
 class _DeviceLayer:
-    """One MoE layer's experts on the device: slots collected per group, summed by one kernel
+    """One MoE layer's experts on the device: slots collected per group, computed by one kernel
     per group after the compute stream has waited on exactly those slots' transfers."""
 
     def __init__(self, tier, u, idx, w, rows):
-        self.tier = tier
+        self.tier, self.u, self.rows = tier, u, rows
         self.acc = tier.dev.expert_sum(tier.slab, u, idx, w, rows)
         self.group = {}  # expert -> slot
+        self.u_host = None  # u f32[1, D] on the host, once a miss is computed there
 
-    def add(self, e, slot):
-        self.group[e] = slot
+    def add(self, e, slot, just_read=False):
+        t = self.tier
+        held = t.in_flight(slot) if just_read and t.cpu_misses and self.u.shape[0] == 1 else None
+        if held is None:
+            self.group[e] = slot
+            return
+        if self.u_host is None:
+            self.u_host = t.dev.to_host(self.u)
+        self.flush()  # the device starts on what it has while the CPU computes this one
+        entry, event = held
+        try:
+            y = _expert_out(exact.expert_rows, block_ffn(t.slab.layout, entry), self.u_host, self.rows[e])
+        finally:
+            t.ring.give(entry, event, slot)
+        self.acc.add_rows(e, y)
+        t.on_cpu += 1
 
     def flush(self):
         t, dev = self.tier, self.tier.dev
+        if not self.group:
+            return
         for slot in self.group.values():
             event = t.filled[slot]
             if event is not None:
@@ -98,10 +142,13 @@ class _DeviceLayer:
 
 
 class DeviceSlots:
-    """n device slots behind a pinned ring of `ring` entries (at least one per reader thread)."""
+    """n device slots behind a pinned ring of `ring` entries (at least one per reader thread);
+    cpu_misses: compute decode misses whose copy is still in flight on the CPU (module docstring)."""
 
-    def __init__(self, dev, store, n, ring):
+    def __init__(self, dev, store, n, ring, cpu_misses=False):
         self.dev = dev
+        self.cpu_misses = cpu_misses
+        self.on_cpu = 0  # experts computed on the CPU so far
         self.store = store
         self.slab = DeviceSlab(dev, store.layout, n)
         self.ring = StagingRing(dev, store.layout, ring)
@@ -130,8 +177,17 @@ class DeviceSlots:
         event = dev.record(self.copy_stream)
         with self.lock:
             self.filled[slot] = event
-        self.ring.give(entry, event)
+        self.ring.give(entry, event, slot)
         return nbytes
+
+    def in_flight(self, slot):
+        """(ring entry, event) holding `slot`'s bytes while its copy is still running, taken out of
+        the ring (give it back); None when the copy is done or the entry was reused."""
+        with self.lock:
+            event = self.filled[slot]
+        if event is None or self.dev.done(event):
+            return None
+        return self.ring.hold(slot)
 
     def layer(self, u, idx, w, rows):
         return _DeviceLayer(self, u, idx, w, rows)
@@ -152,7 +208,7 @@ def ring_entries(readers, top_k):
 
 
 
-def device_experts(store, cfg, plan, dev, readers=1, timeout_s=30.0):
+def device_experts(store, cfg, plan, dev, readers=1, timeout_s=30.0, cpu_misses=False):
     """OffloadedExperts (the CPU path's policy, unchanged) with plan.slots + plan.staging slots on `dev`."""
-    tier = DeviceSlots(dev, store, plan.slots + plan.staging, ring_entries(readers, cfg.top_k))
+    tier = DeviceSlots(dev, store, plan.slots + plan.staging, ring_entries(readers, cfg.top_k), cpu_misses)
     return OffloadedExperts(store, cfg, plan, readers, timeout_s, tier)

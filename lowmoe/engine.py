@@ -96,8 +96,9 @@ class Engine:
         layers; nextgate and oracle look 2 ahead, the others 1), readers, read_timeout_s, cpu_moe.
         device "cuda" runs the model on the GPU (CuPy): every expert resident there when they fit;
         else vram_budget ("12GiB": dense weights, KV cache for max_context tokens, workspace, the
-        rest expert slots) or expert_cache plans a GPU expert cache; cpu_moe=True keeps the
-        experts on the CPU (see backend/cuda_model.py)."""
+        rest expert slots) or expert_cache plans a GPU expert cache, and miss_policy ("wait", "cpu",
+        "auto") says where its misses are computed; cpu_moe=True keeps the experts on the CPU (see
+        backend/cuda_model.py)."""
         options = EngineConfig.from_options(device=device, **options)
         if options.device == "cuda":
             from .backend import cuda

@@ -3,8 +3,13 @@
 `ResidentExperts` reads every expert into one slab at load. `OffloadedExperts` keeps a budget of
 slots managed by the SLRU policy (`cache.py`), reads misses from the slow tier (`store.py`)
 through the read scheduler (`prefetch.py`), and computes the experts already present while the
-missing ones stream in. Both sum expert outputs in the same fixed order (ascending expert id), so
-the result does not depend on which experts were cached or when reads finished.
+missing ones stream in. Both sum expert outputs in the same fixed order (each token's router
+rank, as the GPU's moe_combine_f32), so the result does not depend on which experts were cached or
+when reads finished.
+
+`kernel` computes one expert's rows: cpu.expert_ffn (fastest on the CPU), or exact.expert_rows
+where the CPU stands in for the GPU (CPU-MoE on device 'cuda'), whose arithmetic it matches bit
+for bit.
 
 Where the slots live is a tier: `HostSlots` here (a host slab, Numba kernels), or
 `device_slots.DeviceSlots` (a device slab per weight role, filled through pinned staging on a copy
@@ -15,7 +20,7 @@ import time
 
 import numpy as np
 
-from .backend import cpu
+from .backend import cpu, exact
 from .cache import SlruCache
 from .errors import StorageError
 from .prefetch import DEMAND, HINT, ReadScheduler
@@ -25,22 +30,22 @@ from .trace import LayerEvent
 RANK_PRECISION = 0.8  # see OffloadedExperts.hint_width
 
 
-def _expert_out(ffn, u, rows):
+def _expert_out(kernel, ffn, u, rows):
     """One expert applied to the token rows that chose it: f32[len(rows), D]."""
     y = np.empty((len(rows), u.shape[1]), np.float32)
-    cpu.expert_ffn(np.ascontiguousarray(u[rows]), ffn.gate, ffn.up, ffn.down, ffn.dtype, y)
+    kernel(np.ascontiguousarray(u[rows]), ffn.gate, ffn.up, ffn.down, ffn.dtype, y)
     return y
 
 
 def _combine(u, idx, w, outputs):
-    """out f32[T, D] = sum over chosen experts, in ascending expert id, of weight * output.
-    outputs: {expert: (rows, y f32[len(rows), D])}."""
-    out = np.zeros_like(u)
-    for e in sorted(outputs):
-        rows, y = outputs[e]
-        slot = np.nonzero(idx[rows] == e)[1]
-        out[rows] += w[rows, slot][:, None] * y
-    return out
+    """out f32[T, D] = each token's chosen experts' weight * output, summed in rank order
+    (exact.combine). outputs: {expert: (rows, y f32[len(rows), D])}."""
+    T, k = idx.shape
+    y = np.empty((T, k, u.shape[1]), np.float32)
+    for e, (rows, ye) in outputs.items():
+        t, j = np.nonzero(idx[rows] == e)
+        y[rows[t], j] = ye[t]
+    return exact.combine(y, w)
 
 
 def _token_rows(idx):
@@ -78,7 +83,8 @@ class ResidentExperts:
 
     token = 0  # decode step, set by the engine; nothing is read, so no events
 
-    def __init__(self, store, cfg):
+    def __init__(self, store, cfg, kernel=cpu.expert_ffn):
+        self.kernel = kernel
         keys = [(layer, e) for layer in cfg.moe_layers for e in range(cfg.num_experts)]
         self.slab = Slab(store.layout, len(keys))
         self.slot = {k: i for i, k in enumerate(keys)}
@@ -87,7 +93,8 @@ class ResidentExperts:
 
     def forward(self, layer, u, idx, w):
         rows = _token_rows(idx)
-        return _combine(u, idx, w, {e: (r, _expert_out(self.slab.ffn(self.slot[(layer, e)]), u, r)) for e, r in rows.items()})
+        ffn = self.slab.ffn
+        return _combine(u, idx, w, {e: (r, _expert_out(self.kernel, ffn(self.slot[(layer, e)]), u, r)) for e, r in rows.items()})
 
     def stats(self):
         return {}
@@ -103,12 +110,15 @@ class _HostLayer:
     """One MoE layer's experts on the CPU: each computed as soon as it is added (while later reads
     stream in), summed by _combine at the end."""
 
-    def __init__(self, slab, u, idx, w, rows):
-        self.slab, self.u, self.idx, self.w, self.rows = slab, u, idx, w, rows
+    def __init__(self, tier, u, idx, w, rows):
+        self.tier, self.u, self.idx, self.w, self.rows = tier, u, idx, w, rows
         self.outputs = {}  # expert -> (rows, y f32[len(rows), D])
 
-    def add(self, e, slot):
-        self.outputs[e] = (self.rows[e], _expert_out(self.slab.ffn(slot), self.u, self.rows[e]))
+    def add(self, e, slot, just_read=False):
+        """Expert e from `slot`; just_read: its read has just finished (the GPU tier may then compute
+        it on the CPU instead of waiting for its copy)."""
+        t = self.tier
+        self.outputs[e] = (self.rows[e], _expert_out(t.kernel, t.slab.ffn(slot), self.u, self.rows[e]))
 
     def flush(self):
         """End of a group of experts (their slots may be reused after this): nothing is pending."""
@@ -120,16 +130,17 @@ class _HostLayer:
 class HostSlots:
     """The CPU's fast tier: `n` slots of one host slab; a read lands straight in its slot."""
 
-    def __init__(self, store, n):
+    def __init__(self, store, n, kernel=cpu.expert_ffn):
         self.store = store
         self.slab = Slab(store.layout, n)
+        self.kernel = kernel
 
     def fill(self, key, slot):
         """Reader thread: expert `key` into `slot` -> bytes read."""
         return self.store.read(*key, self.slab.block(slot))
 
     def layer(self, u, idx, w, rows):
-        return _HostLayer(self.slab, u, idx, w, rows)
+        return _HostLayer(self, u, idx, w, rows)
 
     def close(self):
         pass
@@ -137,13 +148,14 @@ class HostSlots:
 
 class OffloadedExperts:
     """A budget of expert slots in front of the slow tier (the reactive baseline: reads on demand).
-    `tier`: where the slots live (default: HostSlots of plan.slots + plan.staging)."""
+    `tier`: where the slots live (default: HostSlots of plan.slots + plan.staging computing with
+    `kernel`)."""
 
-    def __init__(self, store, cfg, plan, readers=1, timeout_s=30.0, tier=None):
+    def __init__(self, store, cfg, plan, readers=1, timeout_s=30.0, tier=None, kernel=cpu.expert_ffn):
         self.cfg = cfg
         self.plan = plan
         self.cache = SlruCache(plan.slots, plan.staging)
-        self.tier = tier or HostSlots(store, plan.slots + plan.staging)
+        self.tier = tier or HostSlots(store, plan.slots + plan.staging, kernel)
         self.slab = self.tier.slab
         self.reader = ReadScheduler(self.tier.fill, readers, timeout_s)
         self.broken = None
@@ -277,7 +289,7 @@ class OffloadedExperts:
                     continue
                 st.bytes_read += req.nbytes
                 if failed is None:
-                    out.add(e, req.slot)
+                    out.add(e, req.slot, just_read=True)
             if failed is None:
                 out.flush()
         finally:

@@ -10,7 +10,14 @@ host, the sum back):
     CPU-MoE:    k * c + r                 (every expert on the CPU, from host memory)
 
 so the CPU wins when moving a missed expert to the GPU takes longer than computing it on the CPU
-and there are enough misses to pay for the round trip. The GPU path's device time per expert (S over the
+and there are enough misses to pay for the round trip.
+
+Misses on the CPU (--miss-policy auto): once a miss's read has landed in pinned staging, what is
+left is its copy, S / C with C the copy's own bandwidth, against c on the CPU (u is on the host
+already: the layer brought its routing there), so the CPU takes misses when c < S / C.
+
+Either way the CPU computes with exact.expert_rows, the GPU kernels' arithmetic: these decisions,
+made from timings, change speed and never the output. The GPU path's device time per expert (S over the
 GPU's memory bandwidth, microseconds) is left out: it is small next to either side.
 
 Measured at load: B and r by backend/cuda_device.py (transfer_costs), c here
@@ -24,7 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .backend import cpu
+from .backend import exact
 from .slots import Slab
 
 @dataclass(frozen=True)
@@ -33,6 +40,7 @@ class Costs:
 
     expert_bytes: int  # S: gate + up + down of one expert
     transfer_bytes_s: float  # B: slow tier -> pinned staging -> device, bytes per second
+    copy_bytes_s: float  # C: pinned staging -> device alone
     cpu_expert_s: float  # c: one expert for one token on the CPU
     roundtrip_s: float  # r: hidden state to the host and back, with the sync
 
@@ -57,9 +65,15 @@ def choose_cpu_moe(costs, top_k, hit_rate):
     return Decision(cpu_moe=host < gpu, gpu_cache_s=gpu, cpu_moe_s=host, hit_rate=hit_rate)
 
 
+def misses_on_cpu(costs):
+    """--miss-policy auto: True when the CPU computes a landed miss faster than its copy runs."""
+    return costs.cpu_expert_s < costs.expert_bytes / costs.copy_bytes_s
+
+
 def cpu_expert_seconds(store, cfg, repeats=5):
-    """c: the median time of one expert for one token on the CPU (Numba), its weights in host
-    memory; the first call (compilation) is not timed."""
+    """c: the median time of one expert for one token on the CPU (exact.expert_rows, as the CPU
+    computes experts on device 'cuda'), its weights in host memory; the first call (compilation) is
+    not timed."""
     slab = Slab(store.layout, 1)
     store.read(cfg.moe_layers[0], 0, slab.block(0))
     f = slab.ffn(0)
@@ -68,6 +82,6 @@ def cpu_expert_seconds(store, cfg, repeats=5):
     times = []
     for _ in range(repeats + 1):
         t0 = time.perf_counter()
-        cpu.expert_ffn(x, f.gate, f.up, f.down, f.dtype, y)
+        exact.expert_rows(x, f.gate, f.up, f.down, f.dtype, y)
         times.append(time.perf_counter() - t0)
     return float(np.median(times[1:]))

@@ -59,12 +59,17 @@ class Slab:
         return self.buf[slot]
 
     def ffn(self, slot):
-        """Views of the expert held in `slot`: gate, up [I, D], down [D, I] in the stored dtype."""
-        L, b = self.layout, self.buf[slot]
-        dt, I, D, p = _NP[L.dtype], L.inter, L.hidden, L.part
-        return FFN(
-            b[:p].view(dt).reshape(I, D),
-            b[p : 2 * p].view(dt).reshape(I, D),
-            b[2 * p : 3 * p].view(dt).reshape(D, I),
-            L.dtype,
-        )
+        """Views of the expert held in `slot` (block_ffn)."""
+        return block_ffn(self.layout, self.buf[slot])
+
+
+def block_ffn(layout, b):
+    """Views of the expert in the block b uint8[layout.block]: gate, up [I, D], down [D, I] in the
+    stored dtype."""
+    dt, I, D, p = _NP[layout.dtype], layout.inter, layout.hidden, layout.part
+    return FFN(
+        b[:p].view(dt).reshape(I, D),
+        b[p : 2 * p].view(dt).reshape(I, D),
+        b[2 * p : 3 * p].view(dt).reshape(D, I),
+        layout.dtype,
+    )

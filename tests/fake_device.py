@@ -1,7 +1,8 @@
 """A stand-in for the GPU (backend/cuda_device.py's CupyDevice) with NumPy arrays, so the GPU expert
 slots run on any machine: the copy stream is a thread that runs its copies in order, each after a
 random delay, and events are set when the stream reaches them. Compute runs on the calling thread,
-with the CPU kernels, and checks every group it sums:
+with exact.expert_rows (the arithmetic of the GPU's expert kernels) and exact.combine, and checks
+every group it computes:
 
 - each slot it reads was last written by a copy that an event the compute stream has waited on
   covers (recorded after it on the copy stream); else AssertionError, and without the wait the
@@ -20,7 +21,8 @@ import time
 
 import numpy as np
 
-from lowmoe.experts import _combine, _expert_out
+from lowmoe.backend import exact
+from lowmoe.experts import _expert_out
 from lowmoe.slots import aligned_empty
 from lowmoe.weights import FFN
 
@@ -120,6 +122,12 @@ class FakeDevice:
     def synchronize(self, event):
         assert event.flag.wait(30), "an event never completed"
 
+    def done(self, event):
+        return event.done
+
+    def to_host(self, a):
+        return a.copy()
+
     def expert_sum(self, slab, u, idx, w, rows):
         return FakeSum(self, slab, u, idx, w, rows)
 
@@ -141,19 +149,30 @@ class FakeDevice:
 
 
 class FakeSum:
-    """The CPU path's sum (experts.py: each expert, then _combine in ascending expert id), from the
-    device slab's slots: bit-identical to OffloadedExperts on the CPU."""
+    """cuda_device.SlotSum's contract on the host: each expert's output in its row (token t's j-th
+    choice), every row written exactly once, the rows summed in rank order."""
 
     def __init__(self, dev, slab, u, idx, w, rows):
         self.dev, self.slab, self.u, self.idx, self.w, self.rows = dev, slab, u, idx, w, rows
-        self.outputs = {}
+        self.y = np.full(idx.shape + u.shape[1:], np.nan, np.float32)  # f32[T, k, D]
+        self.host_rows = 0  # experts whose rows came from the CPU
 
     def add(self, group):
         self.dev.check_group(self.slab, group)
         sl = self.slab
         for e, s in group.items():
             ffn = FFN(sl.gate[s], sl.up[s], sl.down[s], sl.layout.dtype)
-            self.outputs[e] = (self.rows[e], _expert_out(ffn, self.u, self.rows[e]))
+            self._put(e, _expert_out(exact.expert_rows, ffn, self.u, self.rows[e]))
+
+    def add_rows(self, e, y):
+        self._put(e, y)
+        self.host_rows += 1
+
+    def _put(self, e, y):
+        t, j = np.nonzero(self.idx == e)
+        assert np.isnan(self.y[t, j]).all(), f"expert {e}: its rows were written twice"
+        self.y[t, j] = y
 
     def result(self):
-        return _combine(self.u, self.idx, self.w, self.outputs)
+        assert not np.isnan(self.y).any(), "a chosen expert's row was never written"
+        return exact.combine(self.y, self.w)

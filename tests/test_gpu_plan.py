@@ -5,6 +5,8 @@ under test."""
 
 import json
 
+from dataclasses import replace
+
 import pytest
 
 import lowmoe
@@ -12,7 +14,8 @@ from lowmoe.backend.cuda_model import device_bytes
 from lowmoe.checkpoint import Checkpoint
 from lowmoe.cli.__main__ import main as cli
 from lowmoe.config import EngineConfig, load_model_config
-from lowmoe.hybrid import Costs, choose_cpu_moe
+from lowmoe.errors import InputError
+from lowmoe.hybrid import Costs, choose_cpu_moe, misses_on_cpu
 from lowmoe.vram import plan_vram
 from lowmoe.weights import load_dense
 
@@ -93,9 +96,10 @@ def test_info_prints_the_vram_plan(capsys):
     assert "minimum is" in err and err.count("\n") == 1
 
 
-# Exact binary fractions: one expert 1 MiB at 1 GiB/s moves in 2^-10 s; the CPU takes 2^-12 s per
-# expert and 2^-12 s for the round trip, so CPU-MoE costs 8 x 2^-12 + 2^-12 = 9 x 2^-12 s per layer.
-COSTS = Costs(expert_bytes=2**20, transfer_bytes_s=2**30, cpu_expert_s=2**-12, roundtrip_s=2**-12)
+# Exact binary fractions: one expert 1 MiB at 1 GiB/s moves in 2^-10 s (its copy alone at 4 GiB/s
+# in 2^-12 s); the CPU takes 2^-12 s per expert and 2^-12 s for the round trip, so CPU-MoE costs
+# 8 x 2^-12 + 2^-12 = 9 x 2^-12 s per layer.
+COSTS = Costs(expert_bytes=2**20, transfer_bytes_s=2**30, copy_bytes_s=2**32, cpu_expert_s=2**-12, roundtrip_s=2**-12)
 
 
 @pytest.mark.parametrize("hit_rate,gpu_s,cpu_wins", [
@@ -113,8 +117,24 @@ def test_cpu_moe_decision_from_the_cost_model(hit_rate, gpu_s, cpu_wins):
 
 def test_faster_copies_or_a_slower_cpu_move_the_decision_to_the_gpu():
     assert choose_cpu_moe(COSTS, 8, 0.5).cpu_moe
-    assert not choose_cpu_moe(Costs(2**20, 2**32, 2**-12, 2**-12), 8, 0.5).cpu_moe  # 4x the bandwidth
-    assert not choose_cpu_moe(Costs(2**20, 2**30, 2**-9, 2**-12), 8, 0.5).cpu_moe  # 8x the CPU time
+    assert not choose_cpu_moe(replace(COSTS, transfer_bytes_s=2**32), 8, 0.5).cpu_moe  # 4x the bandwidth
+    assert not choose_cpu_moe(replace(COSTS, cpu_expert_s=2**-9), 8, 0.5).cpu_moe  # 8x the CPU time
+
+
+def test_misses_go_to_the_cpu_only_when_it_beats_the_copy():
+    # the copy takes 2^-12 s: a CPU as fast is not faster; half the time is; a slow link moves it there
+    assert not misses_on_cpu(COSTS)
+    assert misses_on_cpu(replace(COSTS, cpu_expert_s=2**-13))
+    assert misses_on_cpu(replace(COSTS, copy_bytes_s=2**31))
+
+
+def test_miss_policy_options():
+    assert EngineConfig.from_options(env={"SHARPI_MISS_POLICY": "cpu"}, device="cuda").miss_policy == "cpu"
+    for options, words in ((dict(miss_policy="cpu"), "needs device 'cuda'"),
+                           (dict(device="cuda", miss_policy="cpu", cpu_moe=True), "experts on the GPU"),
+                           (dict(device="cuda", miss_policy="fast"), "expected one of wait, cpu, auto")):
+        with pytest.raises(InputError, match=words):
+            EngineConfig.from_options(env={}, **options)
 
 
 def test_vram_options():

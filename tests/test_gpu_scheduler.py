@@ -1,7 +1,8 @@
 """The GPU expert slots (device_slots.py) on a fake device (tests/fake_device.py): copies land after
 random delays on a copy-stream thread, compute checks every group's waits. Outputs must be
-bit-identical to the CPU path at every budget and predictor; hints never evict; memory is the
-planned slots; the compute stream waits on exactly the events of the slots it reads."""
+bit-identical to the CPU path computing experts in the GPU's arithmetic (exact.expert_rows, as
+CPU-MoE on device 'cuda' does) at every budget, predictor and miss policy; hints never evict;
+memory is the planned slots; the compute stream waits on exactly the events of the slots it reads."""
 
 import threading
 import time
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 
 import lowmoe
+from lowmoe.backend import exact
 from lowmoe.device_slots import DeviceSlots, device_experts, ring_entries
 from lowmoe.errors import StorageError
 from lowmoe.experts import OffloadedExperts
@@ -47,13 +49,23 @@ class Wrong:
         return [(later, ranked[::-1]) for later, ranked in self.inner.predict(layer, h, chosen)]
 
 
-def on_fake_gpu(engine, dev, seed=0, fail=False):
+def on_fake_gpu(engine, dev, seed=0, fail=False, cpu_misses=False):
     """Swaps the engine's CPU expert cache for the same plan in device slots on `dev`."""
     cpu = engine.model.experts
     cpu.close()
     store = SlowStore(cpu.tier.store, seed, fail)
     o = engine.options
-    engine.model.experts = device_experts(store, engine.config, cpu.plan, dev, o.readers, o.read_timeout_s)
+    engine.model.experts = device_experts(store, engine.config, cpu.plan, dev, o.readers, o.read_timeout_s, cpu_misses)
+    return engine
+
+
+def in_gpu_arithmetic(engine):
+    """Swaps the engine's CPU expert cache for the same plan computing with exact.expert_rows."""
+    cpu = engine.model.experts
+    cpu.close()
+    o = engine.options
+    engine.model.experts = OffloadedExperts(cpu.tier.store, engine.config, cpu.plan, o.readers, o.read_timeout_s,
+                                            kernel=exact.expert_rows)
     return engine
 
 
@@ -64,7 +76,7 @@ def run(engine):
 
 @pytest.fixture(scope="module")
 def reference():
-    with lowmoe.Engine.from_pretrained() as e:
+    with in_gpu_arithmetic(lowmoe.Engine.from_pretrained(expert_cache="100%")) as e:
         return run(e)[:2]
 
 
@@ -74,7 +86,7 @@ def reference():
 def test_outputs_bit_identical_to_the_cpu_path(budget, predictor, lookahead, readers, reference):
     options = dict(expert_cache=budget, lookahead=lookahead, readers=readers,
                    predictor="nextgate" if predictor == "wrong" else predictor)
-    with lowmoe.Engine.from_pretrained(**options) as e:
+    with in_gpu_arithmetic(lowmoe.Engine.from_pretrained(**options)) as e:
         cpu_tokens, cpu_logits, _ = run(e)
     dev = FakeDevice(seed=10 * lookahead + readers)
     with on_fake_gpu(lowmoe.Engine.from_pretrained(**options), dev, seed=lookahead) as e:
@@ -160,7 +172,7 @@ def test_a_failing_read_is_a_clear_error_and_frees_its_ring_entry():
         with pytest.raises(StorageError, match="failed twice"):
             e.generate(PROMPT, 4)
     ring = e.model.experts.tier.ring  # the readers have stopped: every entry is back
-    assert ring.free.qsize() == ring_entries(1, e.config.top_k)
+    assert len(ring.free) == ring_entries(1, e.config.top_k)
 
 
 def test_one_ring_entry_and_slow_copies_still_give_the_cpu_output(reference):
@@ -175,3 +187,38 @@ def test_one_ring_entry_and_slow_copies_still_give_the_cpu_output(reference):
         e.model.experts = OffloadedExperts(cpu.tier.store, e.config, plan, tier=tier)
         tokens, logits, _ = run(e)
     assert tokens == reference[0] and np.array_equal(logits, reference[1])
+
+
+@pytest.mark.parametrize("budget,predictor", [("min", "none"), ("25%", "nextgate"), ("25%", "wrong")])
+def test_misses_computed_on_the_cpu_give_the_same_bits(budget, predictor, reference):
+    """--miss-policy cpu: with copies slower than reads, landed misses are computed on the CPU from
+    their ring entry while the device computes the rest; tokens and logits stay bit-identical, every
+    row is written once (FakeSum), and every ring entry comes back."""
+    dev = FakeDevice(delay_s=0.02, seed=5)
+    options = dict(expert_cache=budget, predictor="nextgate" if predictor == "wrong" else predictor)
+    with on_fake_gpu(lowmoe.Engine.from_pretrained(**options), dev, seed=2, cpu_misses=True) as e:
+        if predictor == "wrong":
+            e.model.predictor = Wrong(e.model.predictor)
+        tier = e.model.experts.tier
+        tokens, logits, _ = run(e)
+    assert tokens == reference[0] and np.array_equal(logits, reference[1])
+    assert tier.on_cpu > 0 and dev.groups > 0
+    assert len(tier.ring.free) == tier.ring.n
+
+
+def test_a_ring_entry_is_held_only_while_it_holds_the_slot():
+    """hold(slot) finds the free entry with the slot's bytes, never a stale one of an expert the
+    slot held before, and nothing once a reader has taken the entry again."""
+    from lowmoe.device_slots import StagingRing
+    from lowmoe.slots import ExpertLayout
+
+    ring = StagingRing(FakeDevice(), ExpertLayout("f32", 4, 8), 3)
+    a, b = ring.take(), ring.take()
+    ring.give(a, None, slot=5)  # slot 5 held expert X (entry a)
+    ring.give(b, None, slot=5)  # then expert Y (entry b)
+    entry, _ = ring.hold(5)
+    assert entry is b and ring.hold(5) is None
+    ring.give(b, None, slot=5)
+    for _ in range(3):
+        ring.take()
+    assert ring.hold(5) is None

@@ -295,7 +295,8 @@ def test_gpu_expert_cache_launches_match_their_kernels(monkeypatch):
             return cuda_device.SlotSum(numpy_cupy, slab, u, idx, w)
 
     monkeypatch.setattr(cuda_model, "CupyDevice", Device)
-    for options, where in ((dict(expert_cache="25%", cpu_moe=False), "slots"), (dict(expert_cache="min", cpu_moe=False), "slots"),
+    for options, where in ((dict(expert_cache="25%", cpu_moe=False, miss_policy="wait"), "slots"),
+                           (dict(expert_cache="min", cpu_moe=False, miss_policy="cpu"), "slots"),
                            (dict(cpu_moe=True), "host"), (dict(cpu_moe=True, expert_cache="25%"), "host")):
         launches.count = {}
         with lowmoe.Engine.from_pretrained(device="cuda", **options) as engine:

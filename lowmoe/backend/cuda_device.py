@@ -50,57 +50,62 @@ class CupyDevice:
     def synchronize(self, event):
         event.synchronize()
 
+    def done(self, event):
+        return event.done
+
+    def to_host(self, a):
+        return self.cp.asnumpy(a)
+
     def expert_sum(self, slab, u, idx, w, rows):
         return SlotSum(self.cp, slab, u, idx, w)
 
 
 class SlotSum:
-    """A layer's routed experts summed from slots by cuda.expert_ffn, one launch per group: the
-    slabs stand in for the layer's stacked experts and slot ids for expert ids, so with every expert
-    in one group the kernel does exactly what it does on resident experts (same order of sums).
-    u f32[T, D] and w f32[T, k] on the device, idx int64[T, k] expert ids on the host."""
+    """A layer's routed experts from slots: cuda.expert_rows over slot ids, one launch per group
+    (the slabs stand in for the layer's stacked experts), each output in its row of y; rows the CPU
+    computed are uploaded into theirs; cuda.expert_combine sums them in rank order. Every group
+    size gives the bits of the resident experts' kernels. u f32[T, D] and w f32[T, k] on the
+    device, idx int64[T, k] expert ids on the host."""
 
     def __init__(self, cp, slab, u, idx, w):
         self.cp, self.slab, self.u, self.idx, self.w = cp, slab, u, idx, w
-        self.out = None  # f32[T, D]
+        self.y = cuda.buffer((idx.size, u.shape[1]))  # f32[T * k, D], row t * k + j
 
     def add(self, group):
-        """group {expert: slot}: adds their weighted outputs. Choices outside the group point at one
-        of its slots (valid weights) with weight 0, and add exactly 0."""
-        cp, idx = self.cp, self.idx
-        slots = np.full(idx.shape, next(iter(group.values())), np.int32)
-        inside = np.zeros(idx.shape, bool)
+        """group {expert: slot}: computes their rows."""
+        slots = np.full(self.idx.shape, -1, np.int32)
         for e, s in group.items():
-            hit = idx == e
-            slots[hit] = s
-            inside |= hit
-        w = self.w if inside.all() else self.w * cp.asarray(inside, np.float32)
-        y = cuda.buffer(self.u.shape)
+            slots[self.idx == e] = s
         sl = self.slab
-        cuda.expert_ffn(self.u, sl.gate, sl.up, sl.down, sl.layout.dtype, cp.asarray(slots), w, y)
-        if self.out is None:
-            self.out = y
-        else:
-            self.out += y
+        cuda.expert_rows(self.u, sl.gate, sl.up, sl.down, sl.layout.dtype, self.cp.asarray(slots), self.y)
+
+    def add_rows(self, e, y):
+        """y f32[n, D] on the host: expert e's output for the n tokens that chose it, in token order."""
+        self.y[self.cp.asarray(np.flatnonzero(self.idx.reshape(-1) == e))] = self.cp.asarray(y)
 
     def result(self):
-        return self.out
+        out = cuda.buffer(self.u.shape)
+        cuda.expert_combine(self.y, self.w, out)
+        return out
 
 
 def transfer_costs(dev, store, cfg, repeats=5):
     """(B: bytes/s of one expert from the slow tier through pinned staging to the device, as a miss
-    moves it; r: seconds of a hidden state f32[1, D] to the host and back), medians of `repeats`
-    after a warm-up, for hybrid.choose_cpu_moe. Reads experts 0.. of the first MoE layer."""
+    moves it; C: bytes/s of the copy alone; r: seconds of a hidden state f32[1, D] to the host and
+    back), medians of `repeats` after a warm-up, for hybrid's decisions. Reads experts 0.. of the
+    first MoE layer."""
     cp, L = dev.cp, store.layout
     staging, dst = dev.pinned(L.block), cp.empty(L.block, np.uint8)
     stream = dev.stream()
-    moves = []
+    moves, copies = [], []
     for e in range(repeats + 1):
         t0 = time.perf_counter()
         store.read(cfg.moe_layers[0], e % cfg.num_experts, staging)
+        t1 = time.perf_counter()
         dev.copy(dst, staging, stream)
         stream.synchronize()
         moves.append(time.perf_counter() - t0)
+        copies.append(time.perf_counter() - t1)
     x = cp.zeros((1, cfg.hidden_size), np.float32)
     trips = []
     for _ in range(repeats + 1):
@@ -108,4 +113,5 @@ def transfer_costs(dev, store, cfg, repeats=5):
         x = cp.asarray(cp.asnumpy(x))
         cp.cuda.get_current_stream().synchronize()
         trips.append(time.perf_counter() - t0)
-    return 3 * L.part / float(np.median(moves[1:])), float(np.median(trips[1:]))
+    return (3 * L.part / float(np.median(moves[1:])), 3 * L.part / float(np.median(copies[1:])),
+            float(np.median(trips[1:])))

@@ -8,7 +8,8 @@ device memory, computed by the kernels of cuda.py. The routed experts are, by `l
 - "slots": an expert cache in device slots (device_slots.py) under a VRAM budget or an
   expert-cache budget. The cache policy runs on the host, so each MoE layer copies its chosen
   expert ids (int32[T, k]) to the host and waits for them; the hidden state stays on the device.
-- "host": CPU-MoE, the experts in host memory computed by the CPU kernels (experts.py); each MoE
+- "host": CPU-MoE, the experts in host memory computed on the CPU (experts.py) with exact.expert_rows,
+  the GPU expert kernels' arithmetic, so CPU-MoE and the GPU cache give the same output; each MoE
   layer moves only its normalised hidden state u f32[T, D] to the host and the sum back.
 
 The dense MLPs and the Qwen2-MoE shared expert go through the expert kernels as a single expert
@@ -23,12 +24,12 @@ from ..budget import plan_cache
 from ..device_slots import device_experts
 from ..errors import DeviceError, InputError
 from ..experts import OffloadedExperts, ResidentExperts
-from ..hybrid import Costs, choose_cpu_moe, cpu_expert_seconds
+from ..hybrid import Costs, choose_cpu_moe, cpu_expert_seconds, misses_on_cpu
 from ..model import KVCache, rope_tables
 from ..slots import Slab
 from ..vram import plan_vram
 from ..weights import FFN, Attention, Layer, Matrix, Weights
-from . import cuda
+from . import cuda, exact
 from .cuda_device import CupyDevice, transfer_costs
 
 log = logging.getLogger("lowmoe")
@@ -131,7 +132,8 @@ def load_experts(cfg, dense, store, options):
     cpu_moe True: "host" (an expert_cache budget is then the host cache's). Otherwise a
     vram_budget or expert_cache plans device slots; without either, every expert goes on the GPU.
     With slots and cpu_moe unset, hybrid.choose_cpu_moe decides between the slots and "host" (every
-    expert in host memory) from measured costs, and logs why."""
+    expert in host memory) from measured costs, and logs why; with slots, miss_policy "auto" (or
+    unset) lets hybrid.misses_on_cpu decide whether the CPU computes misses whose copy is in flight."""
     staging = cfg.top_k * options.lookahead
     if options.cpu_moe:
         return _host_experts(cfg, store, options, options.expert_cache, staging), "host"
@@ -146,26 +148,32 @@ def load_experts(cfg, dense, store, options):
     else:
         plan = plan_cache(options.expert_cache, cfg, slot, staging)
     dev = CupyDevice()
+    policy = options.miss_policy or "auto"
+    if options.cpu_moe is None or policy == "auto":
+        bandwidth, copy, roundtrip = transfer_costs(dev, store, cfg)
+        costs = Costs(slot, bandwidth, copy, cpu_expert_seconds(store, cfg), roundtrip)
+        log.info("lowmoe: slow tier to GPU %.1f GB/s, the copy alone %.1f GB/s, CPU expert %.0f us, round trip %.0f us",
+                 bandwidth / 1e9, copy / 1e9, costs.cpu_expert_s * 1e6, roundtrip * 1e6)
     if options.cpu_moe is None:
-        bandwidth, roundtrip = transfer_costs(dev, store, cfg)
-        costs = Costs(slot, bandwidth, cpu_expert_seconds(store, cfg), roundtrip)
         decision = choose_cpu_moe(costs, cfg.top_k, plan.fraction)
-        log.info("lowmoe: %s (slow tier to GPU %.1f GB/s, CPU expert %.0f us, round trip %.0f us; SHARPI_CPU_MOE=0/1 "
-                 "forces one)",
-                 decision.describe(), bandwidth / 1e9, costs.cpu_expert_s * 1e6, roundtrip * 1e6)
+        log.info("lowmoe: %s (SHARPI_CPU_MOE=0/1 forces one)", decision.describe())
         if decision.cpu_moe:  # the budget was the GPU's: CPU-MoE holds every expert in host memory
             return _host_experts(cfg, store, options, None, staging), "host"
-    return device_experts(store, cfg, plan, dev, options.readers, options.read_timeout_s), "slots"
+    cpu_misses = policy == "cpu" or (policy == "auto" and misses_on_cpu(costs))
+    if policy == "auto":
+        log.info("lowmoe: misses whose copy is in flight %s (--miss-policy wait/cpu forces one)",
+                 "are computed on the CPU" if cpu_misses else "wait for their copy")
+    return device_experts(store, cfg, plan, dev, options.readers, options.read_timeout_s, cpu_misses), "slots"
 
 
 def _host_experts(cfg, store, options, budget, staging):
     """CPU-MoE: every expert in host memory, or a host expert cache of `budget`."""
     if budget is None:
-        experts = ResidentExperts(store, cfg)
+        experts = ResidentExperts(store, cfg, exact.expert_rows)
         store.close()
         return experts
     plan = plan_cache(budget, cfg, store.layout.block, staging)
-    return OffloadedExperts(store, cfg, plan, options.readers, options.read_timeout_s)
+    return OffloadedExperts(store, cfg, plan, options.readers, options.read_timeout_s, kernel=exact.expert_rows)
 
 
 def _vec(a):

@@ -40,6 +40,10 @@ def add_engine_arguments(p):
                    "tokens, workspace, and the rest expert slots (see `lowmoe info --vram-budget`)")
     p.add_argument("--max-context", type=int, default=None, metavar="N",
                    help="tokens of KV cache the VRAM budget reserves (default 8192)")
+    p.add_argument("--miss-policy", default=None, choices=("wait", "cpu", "auto"),
+                   help="with a GPU expert cache: a miss whose copy is still in flight waits for it, or is computed "
+                   "on the CPU from the staged weights (same output bits); default auto: whichever the measured "
+                   "costs say is faster")
     p.add_argument("--expert-cache", default=None, metavar="BUDGET",
                    help="expert cache budget: bytes (1.5GiB, 300MB), a share of the experts (25%%) or 'min'; "
                    "default: every expert resident")
@@ -61,7 +65,7 @@ def add_engine_arguments(p):
 def engine_options(args):
     return {"device": args.device, "expert_cache": args.expert_cache, "storage": args.storage, "readers": args.readers,
             "predictor": args.predictor, "oracle_trace": args.oracle_trace, "lookahead": args.lookahead,
-            "vram_budget": args.vram_budget, "max_context": args.max_context}
+            "vram_budget": args.vram_budget, "max_context": args.max_context, "miss_policy": args.miss_policy}
 
 
 def _prompt_ids(engine, args):
