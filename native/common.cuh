@@ -1,7 +1,10 @@
 // Shared device helpers: weight element types, 16-byte vector loads, warp and block reductions.
 // Included by the kernel files; no entry points here. Plain C++ with no CUDA headers, so the same
-// source compiles with nvcc (tests) and NVRTC (cupy.RawModule at run time).
-// (Each kernel file includes it once; cuda.source inlines it, so no include guard is needed.)
+// source compiles with nvcc (tests) and NVRTC (cupy.RawModule at run time), and with g++ on top of
+// tests/cuda_host.hpp, which runs the expert kernels on CPU threads to check their arithmetic.
+// (cuda.source inlines it into each kernel file; the guard lets the host test include two files.)
+#ifndef LOWMOE_COMMON_CUH
+#define LOWMOE_COMMON_CUH
 
 // Weight element types. Half-precision weights arrive as their uint16 bits (as lowmoe stores
 // them in host memory), so the element type alone selects the conversion.
@@ -11,9 +14,13 @@ struct BFloat { unsigned short bits; };
 __device__ __forceinline__ float to_f32(float w) { return w; }
 __device__ __forceinline__ float to_f32(Half w) {
     // cvt is exact for subnormals, inf and nan, like the CPU's LLVM fpext.
+#ifdef __CUDA_ARCH__
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(w.bits));
     return f;
+#else  // host C++ (tests/cuda_host.hpp runs the expert kernels on the CPU)
+    return host_half_to_f32(w.bits);
+#endif
 }
 __device__ __forceinline__ float to_f32(BFloat w) { return __uint_as_float((unsigned)w.bits << 16); }
 
@@ -138,3 +145,5 @@ __device__ __forceinline__ float exact_exp(float t) {
 }
 
 __device__ __forceinline__ float silu(float g) { return __fdiv_rn(g, __fadd_rn(1.0f, exact_exp(-g))); }
+
+#endif  // LOWMOE_COMMON_CUH
