@@ -91,17 +91,21 @@ def _accumulate(w, x, a):
 
 @numba.njit(**_JIT)
 def _reduce(a, VN):
-    # a f32[32 * VN] partials -> the dot product: each lane's VN halved, then the 32 lanes halved.
-    h = VN // 2
-    while h >= 1:
+    # a f32[32 * VN] partials -> the dot product: each lane's VN halved (spelled out: a loop over
+    # the halvings costs as much as the products), the lane sums written to a[lane] (lane l reads
+    # a[l VN:], which no earlier lane has overwritten), then the 32 lane sums halved.
+    if VN == 8:
         for lane in range(32):
-            for i in range(h):
-                a[lane * VN + i] = a[lane * VN + i] + a[lane * VN + i + h]
-        h //= 2
+            b = 8 * lane
+            a[lane] = ((a[b] + a[b + 4]) + (a[b + 2] + a[b + 6])) + ((a[b + 1] + a[b + 5]) + (a[b + 3] + a[b + 7]))
+    else:
+        for lane in range(32):
+            b = 4 * lane
+            a[lane] = (a[b] + a[b + 2]) + (a[b + 1] + a[b + 3])
     h = 16
     while h >= 1:
         for lane in range(h):
-            a[lane * VN] = a[lane * VN] + a[(lane + h) * VN]
+            a[lane] = a[lane] + a[lane + h]
         h //= 2
     return a[0]
 
