@@ -24,7 +24,8 @@ uploaded. That kernel computes the device kernels' exact bits, so which experts 
 changes the output.
 
 `dev` is the device: backend/cuda_device.py's CupyDevice, or a fake in the tests with the same
-methods (empty, pinned, stream, compute, copy, record, wait, synchronize, expert_sum).
+methods (empty, pinned, stream, compute, copy, record, wait, synchronize, done, to_host,
+expert_sum).
 """
 
 import collections
