@@ -1,7 +1,7 @@
 // Shared device helpers: weight element types, 16-byte vector loads, warp and block reductions.
 // Included by the kernel files; no entry points here. Plain C++ with no CUDA headers, so the same
 // source compiles with nvcc (tests) and NVRTC (cupy.RawModule at run time), and with g++ on top of
-// tests/cuda_host.hpp, which runs the expert kernels on CPU threads to check their arithmetic.
+// tests/cuda_host.hpp, which runs the kernels on the CPU for the tests.
 // (cuda.source inlines it into each kernel file; the guard lets the host test include two files.)
 #ifndef LOWMOE_COMMON_CUH
 #define LOWMOE_COMMON_CUH
@@ -9,16 +9,24 @@
 // Weight element types. Half-precision weights arrive as their uint16 bits (as lowmoe stores
 // them in host memory), so the element type alone selects the conversion.
 struct Half { unsigned short bits; };
+
+// The launch's dynamic shared memory as T name[]. LOWMOE_CUDA_HOST: built as host C++ on
+// tests/cuda_host.hpp, which runs the kernels without a GPU for the tests.
+#ifndef LOWMOE_CUDA_HOST
+#define DYNAMIC_SHARED(T, name) extern __shared__ T name[]
+#else
+#define DYNAMIC_SHARED(T, name) T* name = (T*)dynamic_shared
+#endif
 struct BFloat { unsigned short bits; };
 
 __device__ __forceinline__ float to_f32(float w) { return w; }
 __device__ __forceinline__ float to_f32(Half w) {
     // cvt is exact for subnormals, inf and nan, like the CPU's LLVM fpext.
-#ifdef __CUDA_ARCH__
+#ifndef LOWMOE_CUDA_HOST
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(w.bits));
     return f;
-#else  // host C++ (tests/cuda_host.hpp runs the expert kernels on the CPU)
+#else
     return host_half_to_f32(w.bits);
 #endif
 }

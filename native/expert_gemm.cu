@@ -25,7 +25,7 @@
 #include "common.cuh"
 
 extern "C" __global__ void moe_sort_i32(const int* idx, int n, int E, int* offsets, int* order) {
-    extern __shared__ int sm[];  // count[E], cursor[E]
+    DYNAMIC_SHARED(int, sm);  // count[E], cursor[E]
     int* count = sm;
     int* cursor = sm + E;
     for (int e = threadIdx.x; e < E; e += blockDim.x) count[e] = 0;

@@ -9,7 +9,7 @@
 #include "common.cuh"
 
 extern "C" __global__ void router_topk_f32(const float* logits, int E, int k, int renorm, int* idx, float* w) {
-    extern __shared__ float p[];  // [E]
+    DYNAMIC_SHARED(float, p);  // [E]
     const int t = blockIdx.x, lane = threadIdx.x;
     const float* z = logits + (long long)t * E;
     float m = -__int_as_float(0x7f800000);

@@ -46,7 +46,7 @@ static void run(const std::string& dir, int E, int I, int D, int K, int T, GateU
     }
     const int n = T * K;
     std::vector<int> offsets(E + 1), order(n, -1);
-    launch({1, 1, 1}, {1024, 1, 1}, [&] { moe_sort_i32(idx, n, E, offsets.data(), order.data()); });
+    launch({1, 1, 1}, {1024, 1, 1}, [&] { moe_sort_i32(idx, n, E, offsets.data(), order.data()); }, 8 * E);
     launch({(unsigned)((I + 7) / 8), (unsigned)E, 1}, {256, 1, 1},
            [&] { group_gate_up(x, order.data(), offsets.data(), gate, up, h.data(), K, D, I); });
     launch({(unsigned)((D + 7) / 8), (unsigned)E, 1}, {256, 1, 1},
