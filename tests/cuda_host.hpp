@@ -3,13 +3,15 @@
 // tests/cuda_host_experts.cpp checks the expert kernels' bits against lowmoe/backend/exact.py, and
 // tests/host_cupy.py stands in for CuPy to check every kernel against float64.
 //
-// Every thread of a block is a fiber (ucontext) on the calling OS thread; the blocks of a grid run
-// one after another. A warp shuffle is a barrier of its warp's 32 fibers, __syncthreads one of the
-// whole block; a barrier that can never complete (threads of a block that returned early) aborts.
+// Every thread of a block is a fiber on the calling OS thread; the fibers walk the blocks of the
+// grid in step (a barrier after each block). A warp shuffle is a barrier of its warp's 32 fibers,
+// __syncthreads one of the whole block; a barrier that can never complete (threads of a block that
+// returned early) aborts.
 // __shared__ variables are static: one copy, shared by the block that is running. The f32
 // intrinsics are plain IEEE operations, each rounded on its own (-ffp-contract=off keeps g++ from
 // fusing them, as __fmul_rn keeps nvcc from it); expf and sqrtf are the host's.
 #define LOWMOE_CUDA_HOST
+#include <setjmp.h>
 #include <ucontext.h>
 
 #include <cmath>
@@ -39,27 +41,37 @@ struct HostBarrier {
 };
 
 struct HostFiber {
-    ucontext_t ctx;
+    jmp_buf jb;
+    ucontext_t start;
     std::vector<char> stack;
-    unsigned tid = 0;
-    bool done = false;
+    unsigned tid = 0, block = 0;
+    bool started = false, done = false;
     HostBarrier* waiting = nullptr;
     unsigned wait_gen = 0;
 };
 
-struct HostBlock {
-    ucontext_t scheduler;
+struct HostLaunch {
+    jmp_buf scheduler;
     std::vector<HostFiber> fibers;
     std::vector<HostBarrier> warp_bars;
     std::vector<unsigned long long> warp_vals;  // [32 per warp] shuffle exchange
-    HostBarrier block_bar;
+    HostBarrier block_bar, end_bar;
     HostFiber* current = nullptr;
     std::function<void()> body;
+    dim3 grid;
 };
-inline HostBlock* host_block;
+inline HostLaunch* host_launch;
 
+inline void host_set_indices(const HostFiber& f) {
+    const dim3 g = host_launch->grid;
+    threadIdx = {f.tid, 0, 0};
+    blockIdx = {f.block % g.x, f.block / g.x % g.y, f.block / (g.x * g.y)};
+}
+
+// Switches with _setjmp / _longjmp, which leave the signal mask alone (swapcontext makes a system
+// call each time); ucontext only starts a fiber on its stack.
 inline void host_arrive(HostBarrier& b) {
-    HostFiber* me = host_block->current;
+    HostFiber* me = host_launch->current;
     const unsigned gen = b.gen;
     if (++b.arrived == b.expected) {  // the last one releases the others
         b.arrived = 0;
@@ -68,7 +80,8 @@ inline void host_arrive(HostBarrier& b) {
     }
     me->waiting = &b;
     me->wait_gen = gen;
-    swapcontext(&me->ctx, &host_block->scheduler);
+    if (!_setjmp(me->jb)) _longjmp(host_launch->scheduler, 1);
+    host_set_indices(*me);
 }
 
 inline float __fmul_rn(float a, float b) { return a * b; }
@@ -83,70 +96,80 @@ template <typename T>
 inline T __shfl_xor_sync(unsigned, T v, int o) {
     static_assert(sizeof(T) <= 8);
     const unsigned warp = threadIdx.x / 32, lane = threadIdx.x & 31;
-    unsigned long long* vals = host_block->warp_vals.data() + 32 * warp;
+    unsigned long long* vals = host_launch->warp_vals.data() + 32 * warp;
     std::memcpy(&vals[lane], &v, sizeof(T));
-    host_arrive(host_block->warp_bars[warp]);
+    host_arrive(host_launch->warp_bars[warp]);
     T r;
     std::memcpy(&r, &vals[lane ^ o], sizeof(T));
-    host_arrive(host_block->warp_bars[warp]);
+    host_arrive(host_launch->warp_bars[warp]);
     return r;
 }
-inline void __syncthreads() { host_arrive(host_block->block_bar); }
+inline void __syncthreads() { host_arrive(host_launch->block_bar); }
+inline void __syncwarp(unsigned = 0xffffffffu) { host_arrive(host_launch->warp_bars[threadIdx.x / 32]); }
 inline int atomicAdd(int* p, int v) { const int old = *p; *p += v; return old; }  // fibers never interleave here
 
 inline void host_fiber_main() {
-    host_block->body();
-    host_block->current->done = true;  // uc_link returns to the scheduler
+    HostLaunch* L = host_launch;
+    HostFiber* f = L->current;
+    const unsigned blocks = L->grid.x * L->grid.y * L->grid.z;
+    for (f->block = 0; f->block < blocks; f->block++) {  // every thread walks the blocks in step
+        host_set_indices(*f);
+        L->body();
+        host_arrive(L->end_bar);
+    }
+    f->done = true;
+    _longjmp(L->scheduler, 1);
 }
 
 // Runs body() as every thread of every block of `grid`, with `shared` bytes of dynamic shared memory.
 inline void launch(dim3 grid, dim3 block, std::function<void()> body, size_t shared = 0) {
     static std::mutex one_at_a_time;  // the globals above belong to one launch
     std::lock_guard<std::mutex> lock(one_at_a_time);
-    HostBlock b;
-    b.body = std::move(body);
-    b.fibers.resize(block.x);
-    for (auto& f : b.fibers) f.stack.resize(64 << 10);
-    b.warp_bars.resize((block.x + 31) / 32);
-    for (unsigned w = 0; w < b.warp_bars.size(); w++) b.warp_bars[w].expected = min(32u, block.x - 32 * w);
-    b.warp_vals.resize(32 * b.warp_bars.size());
-    b.block_bar.expected = block.x;
+    HostLaunch L;
+    L.body = std::move(body);
+    L.grid = grid;
+    L.fibers.resize(block.x);
+    L.warp_bars.resize((block.x + 31) / 32);
+    for (unsigned w = 0; w < L.warp_bars.size(); w++) L.warp_bars[w].expected = min(32u, block.x - 32 * w);
+    L.warp_vals.resize(32 * L.warp_bars.size());
+    L.block_bar.expected = L.end_bar.expected = block.x;
     std::vector<char> smem(shared + 16);
-    host_block = &b;
+    host_launch = &L;
     dynamic_shared = smem.data();
     gridDim = grid;
     blockDim = block;
-    for (unsigned bz = 0; bz < grid.z; bz++)
-        for (unsigned by = 0; by < grid.y; by++)
-            for (unsigned bx = 0; bx < grid.x; bx++) {
-                blockIdx = {bx, by, bz};
-                for (unsigned t = 0; t < block.x; t++) {
-                    HostFiber& f = b.fibers[t];
-                    f.tid = t;
-                    f.done = false;
-                    f.waiting = nullptr;
-                    getcontext(&f.ctx);
-                    f.ctx.uc_stack.ss_sp = f.stack.data();
-                    f.ctx.uc_stack.ss_size = f.stack.size();
-                    f.ctx.uc_link = &b.scheduler;
-                    makecontext(&f.ctx, host_fiber_main, 0);
+    for (unsigned t = 0; t < block.x; t++) {
+        HostFiber& f = L.fibers[t];
+        f.tid = t;
+        f.stack.resize(64 << 10);
+        getcontext(&f.start);
+        f.start.uc_stack.ss_sp = f.stack.data();
+        f.start.uc_stack.ss_size = f.stack.size();
+        f.start.uc_link = nullptr;  // fibers end by jumping back
+        makecontext(&f.start, host_fiber_main, 0);
+    }
+    ucontext_t unused;
+    for (volatile unsigned left = block.x; left > 0;) {
+        volatile bool ran = false;
+        for (auto& f : L.fibers) {
+            if (f.done || (f.waiting != nullptr && f.waiting->gen == f.wait_gen)) continue;
+            f.waiting = nullptr;
+            L.current = &f;
+            ran = true;
+            if (!_setjmp(L.scheduler)) {
+                if (f.started) {
+                    host_set_indices(f);
+                    _longjmp(f.jb, 1);
                 }
-                for (unsigned left = block.x; left > 0;) {
-                    bool ran = false;
-                    for (auto& f : b.fibers) {
-                        if (f.done || (f.waiting != nullptr && f.waiting->gen == f.wait_gen)) continue;
-                        f.waiting = nullptr;
-                        b.current = &f;
-                        threadIdx = {f.tid, 0, 0};
-                        swapcontext(&b.scheduler, &f.ctx);
-                        ran = true;
-                        if (f.done) left--;
-                    }
-                    if (!ran) {
-                        std::fprintf(stderr, "cuda_host: block (%u, %u, %u) waits at a barrier that cannot complete\n", bx, by, bz);
-                        std::abort();
-                    }
-                }
+                f.started = true;
+                swapcontext(&unused, &f.start);
             }
-    host_block = nullptr;
+            if (f.done) left = left - 1;
+        }
+        if (!ran) {
+            std::fprintf(stderr, "cuda_host: a barrier cannot complete (threads of a block returned early?)\n");
+            std::abort();
+        }
+    }
+    host_launch = nullptr;
 }

@@ -21,6 +21,8 @@ from lowmoe.backend import cuda
 from lowmoe.cli.__main__ import main as cli_main
 from lowmoe.config import EngineConfig
 
+from host_cupy import numpy_cupy
+
 ARCHS = ("sm_80", "sm_90")
 _GLOBAL = re.compile(r'extern\s+"C"\s+__global__\s+void\s+(\w+)')
 
@@ -276,18 +278,6 @@ class _Launches:
         return launch
 
 
-def _numpy_cupy(launches):
-    """A module that answers what lowmoe's GPU code asks of cupy, with NumPy arrays."""
-    module = types.SimpleNamespace(get_function=launches.function, compile=lambda: None)
-    device = types.SimpleNamespace(attributes={"MultiProcessorCount": 132}, mem_info=(80 << 30, 80 << 30))
-    runtime = types.SimpleNamespace(getDeviceCount=lambda: 1, CUDARuntimeError=RuntimeError)
-    cuda_ns = types.SimpleNamespace(runtime=runtime, Device=lambda: device,
-                                    compiler=types.SimpleNamespace(CompileException=RuntimeError))
-    return types.SimpleNamespace(
-        cuda=cuda_ns, RawModule=lambda code, options: module, asnumpy=np.asarray,
-        **{f: getattr(np, f) for f in ("asarray", "empty", "full", "zeros", "ones", "exp", "clip", "arange")})
-
-
 def _models(request):
     """The bundled model (bf16) and, with torch and transformers, every transformers-made one."""
     try:
@@ -301,7 +291,7 @@ def test_every_launch_matches_its_kernel_signature(monkeypatch, request):
     # The whole GPU decoder (prefill, then decode steps) on every architecture, with the launches
     # checked instead of run: argument order and types, contiguous arrays, sane launch shapes.
     launches = _Launches()
-    _fresh_cupy(monkeypatch, _numpy_cupy(launches))
+    _fresh_cupy(monkeypatch, numpy_cupy(launches.function))
     monkeypatch.setattr(cuda, "_modules", {})
     monkeypatch.setattr(cuda, "_functions", {})
     monkeypatch.setattr(cuda, "POISON", True)
@@ -344,15 +334,15 @@ def test_gpu_expert_cache_launches_match_their_kernels(monkeypatch):
         return route
 
     launches.function = function
-    numpy_cupy = _numpy_cupy(launches)
-    _fresh_cupy(monkeypatch, numpy_cupy)
+    cp = numpy_cupy(launches.function)
+    _fresh_cupy(monkeypatch, cp)
     monkeypatch.setattr(cuda, "_modules", {})
     monkeypatch.setattr(cuda, "_functions", {})
     monkeypatch.setattr(cuda, "POISON", True)  # NaN, not garbage, in the buffers no kernel writes
 
     class Device(FakeDevice):
         def expert_sum(self, slab, u, idx, w, rows):
-            return cuda_device.SlotSum(numpy_cupy, slab, u, idx, w)
+            return cuda_device.SlotSum(cp, slab, u, idx, w)
 
     monkeypatch.setattr(cuda_model, "CupyDevice", Device)
     for options, where in ((dict(expert_cache="25%", cpu_moe=False, miss_policy="wait"), "slots"),

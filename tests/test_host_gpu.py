@@ -1,0 +1,122 @@
+"""lowmoe's CUDA kernels run on the CPU (tests/host_cupy.py: each native/*.cu, as NVRTC gets it,
+built as host C++ with every GPU thread a fiber), so their source is checked without a GPU:
+each kernel against NumPy float64 on tools/gpu_check.py's cases, and the whole GPU decoder on the
+bundled model against the CPU decoder, with the experts resident on the device, in a GPU expert
+cache (fake copy stream: tests/fake_device.py) at several budgets, with misses computed on the CPU,
+and as CPU-MoE, all bit-identical to the resident run.
+
+What this cannot show: the hardware (f16 cvt, memory coalescing, the copy stream really
+overlapping compute), CuPy itself, and the speed; tools/gpu_check.sh does on a GPU."""
+
+import os
+import shutil
+import sys
+
+import numpy as np
+import pytest
+
+import lowmoe
+from lowmoe.backend import cuda
+
+from host_cupy import HostKernels, numpy_cupy
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
+import gpu_check  # noqa: E402  (tools/, for its float64 references and cases)
+
+# Launches of more than this many weight or key elements are left to gpu_check on a GPU: every GPU
+# thread is a fiber here, and a context switch per barrier makes the largest shapes take minutes.
+MAX_WORK = 3 << 20
+PROMPT = [5, 17, 300, 42, 9, 77, 1000, 3]
+
+
+@pytest.fixture(scope="module")
+def kernels(tmp_path_factory):
+    if shutil.which("g++") is None:
+        pytest.skip("g++ not installed")
+    return HostKernels(str(tmp_path_factory.mktemp("host_kernels")))
+
+
+@pytest.fixture
+def host_gpu(kernels, monkeypatch):
+    """cupy is the host stand-in running `kernels`; buffers no kernel writes hold NaN."""
+    cp = numpy_cupy(kernels.function)
+    monkeypatch.setattr(cuda, "_cupy", None)
+    monkeypatch.setitem(sys.modules, "cupy", cp)
+    monkeypatch.setattr(cuda, "_modules", {})
+    monkeypatch.setattr(cuda, "_functions", {})
+    monkeypatch.setattr(cuda, "POISON", True)
+    return cp
+
+
+def _work(name, case):
+    """Elements one case's largest launch reads (weights, or keys times heads)."""
+    if name == "linear":
+        T, D, R = case[1:]
+        return D * R
+    if name.startswith("expert_ffn"):
+        E, I, D, k, T = case[1:]
+        return 3 * I * D * min(E, k * T)
+    if name == "attention":
+        T, H, KV, hd, start = case
+        return T * H * (start + T) * hd
+    return 0
+
+
+@pytest.mark.parametrize("name", list(gpu_check.KERNEL_CASES))
+def test_kernel_against_float64(host_gpu, name):
+    fn, cases = gpu_check.KERNEL_CASES[name]
+    ran = 0
+    for i, case in enumerate(cases):
+        if _work(name, case) > MAX_WORK:
+            continue
+        g = np.random.default_rng([6, len(name), i])  # gpu_check's own seeds
+        err = fn(cuda, host_gpu, g, *case)
+        assert err <= gpu_check.TOL, f"{name} {case}: error {err:.3g}"
+        ran += 1
+    assert ran >= 2
+
+
+def _run(engine):
+    gen = engine.generate(PROMPT, 4, stop_at_eos=False)
+    return gen.tokens, engine.logits(PROMPT + gen.tokens[:2]), gen.stats
+
+
+def test_gpu_decoder_matches_the_cpu(host_gpu):
+    with lowmoe.Engine.from_pretrained() as e:
+        want, want_logits, _ = _run(e)
+    with lowmoe.Engine.from_pretrained(device="cuda") as e:
+        got, logits, _ = _run(e)
+    assert got == want
+    assert np.abs(logits - want_logits).max() <= gpu_check.TOL * np.abs(want_logits).max()
+
+
+def test_gpu_expert_cache_is_bit_identical_to_resident_experts(host_gpu, monkeypatch):
+    """The slots path's kernels over slot ids, grouped or not, rows computed on the CPU for misses
+    (exact.py), and CPU-MoE (exact.py for every expert): the resident GPU run's bits."""
+    from fake_device import FakeDevice
+
+    from lowmoe.backend import cuda_device, cuda_model
+
+    class Device(FakeDevice):
+        def __init__(self):
+            super().__init__(delay_s=0.01, seed=4)  # copies slower than reads: misses find them in flight
+
+        def expert_sum(self, slab, u, idx, w, rows):
+            return cuda_device.SlotSum(host_gpu, slab, u, idx, w)
+
+    monkeypatch.setattr(cuda_model, "CupyDevice", Device)
+    with lowmoe.Engine.from_pretrained(device="cuda") as e:
+        want, want_logits, _ = _run(e)
+    for options, where in ((dict(expert_cache="25%", miss_policy="wait"), "slots"),
+                           (dict(expert_cache="min", miss_policy="wait"), "slots"),
+                           (dict(expert_cache="25%", miss_policy="cpu", predictor="none"), "slots"),
+                           (dict(cpu_moe=True), "host")):
+        with lowmoe.Engine.from_pretrained(device="cuda", cpu_moe=options.pop("cpu_moe", False), **options) as e:
+            got, logits, stats = _run(e)
+            assert e.model.where == where
+            on_cpu = getattr(e.model.experts, "tier", None) and e.model.experts.tier.on_cpu
+        assert got == want and np.array_equal(logits, want_logits), options
+        if options.get("miss_policy") == "cpu":
+            assert on_cpu > 0
+        if where == "slots":
+            assert stats["misses"] > 0
