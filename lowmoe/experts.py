@@ -16,7 +16,6 @@ Where the slots live is a tier: `HostSlots` here (a host slab, Numba kernels), o
 stream). The policy (cache, hints, stats, errors) is the same code for both.
 """
 
-import time
 
 import numpy as np
 

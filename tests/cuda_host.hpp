@@ -1,7 +1,6 @@
 // Just enough of CUDA for the kernels in native/ to run as host C++ (g++ -std=c++20
-// -ffp-contract=off -include tests/cuda_host.hpp), so that the tests can run them without a GPU:
-// tests/cuda_host_experts.cpp checks the expert kernels' bits against lowmoe/backend/exact.py, and
-// tests/host_cupy.py stands in for CuPy to check every kernel against float64.
+// -ffp-contract=off -include tests/cuda_host.hpp), so that the tests can run them without a GPU
+// (tests/host_cupy.py builds them and stands in for CuPy; tests/test_host_gpu.py).
 //
 // Every thread of a block is a fiber on the calling OS thread; the fibers walk the blocks of the
 // grid in step (a barrier after each block). A warp shuffle is a barrier of its warp's 32 fibers,

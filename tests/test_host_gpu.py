@@ -1,6 +1,7 @@
 """lowmoe's CUDA kernels run on the CPU (tests/host_cupy.py: each native/*.cu, as NVRTC gets it,
 built as host C++ with every GPU thread a fiber), so their source is checked without a GPU:
-each kernel against NumPy float64 on tools/gpu_check.py's cases, and the whole GPU decoder on the
+each kernel against NumPy float64 on tools/gpu_check.py's cases, the expert kernels bit for bit
+against backend/exact.py (what lets the CPU stand in for them), and the whole GPU decoder on the
 bundled model against the CPU decoder, with the experts resident on the device, in a GPU expert
 cache (fake copy stream: tests/fake_device.py) at several budgets, with misses computed on the CPU,
 and as CPU-MoE, all bit-identical to the resident run.
@@ -74,6 +75,47 @@ def test_kernel_against_float64(host_gpu, name):
         assert err <= gpu_check.TOL, f"{name} {case}: error {err:.3g}"
         ran += 1
     assert ran >= 2
+
+
+def _stored(a, dtype):
+    return a if dtype == "f32" else (a.astype(np.float16).view(np.uint16) if dtype == "f16"
+                                     else (a.view(np.uint32) >> 16).astype(np.uint16))
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f16", "bf16"])
+@pytest.mark.parametrize("E,I,D,k,T,skip", [(4, 48, 64, 2, 1, False), (6, 37, 53, 3, 3, False),
+                                            (3, 40, 264, 2, 4, True)])
+def test_expert_kernels_compute_exact_bits(host_gpu, dtype, E, I, D, k, T, skip):
+    """Decode (one token at a time) and grouped prefill: every row bit for bit exact.expert_rows, the
+    combine exact.combine; entries idx < 0 leave their rows untouched. Shapes: under one 16-byte
+    load per lane, odd sizes (the element path), more than one pass of the warp with a partial last
+    one (264 = 256 + 8 weights)."""
+    from lowmoe.backend import exact
+
+    g = np.random.default_rng([E, I, D, k, T])
+    x = (g.standard_normal((T, D)) * 3).astype(np.float32)
+    gate, up = (_stored((g.standard_normal((E, I, D)) / np.sqrt(D)).astype(np.float32), dtype) for _ in range(2))
+    down = _stored((g.standard_normal((E, D, I)) / np.sqrt(I)).astype(np.float32), dtype)
+    idx = np.stack([g.choice(E, k, replace=False) for _ in range(T)]).astype(np.int32)
+    if skip:
+        idx[::2, 0] = -1
+    w = g.uniform(0.1, 1, (T, k)).astype(np.float32)
+    want = np.full((T, k, D), np.nan, np.float32)
+    for t in range(T):
+        for j, e in enumerate(idx[t]):
+            if e >= 0:
+                exact.expert_rows(x[t : t + 1], gate[e], up[e], down[e], dtype, want[t, j : j + 1])
+    decode = np.full((T, k, D), np.nan, np.float32)
+    for t in range(T):
+        cuda.expert_rows(x[t : t + 1], gate, up, down, dtype, idx[t : t + 1], decode[t])
+    prefill = np.full((T * k, D), np.nan, np.float32)
+    cuda.expert_rows(x, gate, up, down, dtype, idx, prefill)
+    assert np.array_equal(decode.view(np.uint32), want.view(np.uint32))
+    assert np.array_equal(prefill.reshape(T, k, D).view(np.uint32), want.view(np.uint32))
+    if not skip:
+        out = np.full((T, D), np.nan, np.float32)
+        cuda.expert_combine(prefill, w, out)
+        assert np.array_equal(out.view(np.uint32), exact.combine(want, w).view(np.uint32))
 
 
 def _run(engine):

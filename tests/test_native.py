@@ -1,6 +1,5 @@
 """The CUDA sources without a GPU: every native/*.cu compiles with nvcc for sm_80 and sm_90 and
-exports each entry point cuda.py launches; the expert kernels' source, run on host threads
-(tests/cuda_host.hpp), computes exact.py's bits; the split-sequence attention formula against plain
+exports each entry point cuda.py launches; the split-sequence attention formula against plain
 softmax attention (NumPy float64); device='cuda' without a usable GPU is a one-line error."""
 
 import glob
@@ -93,65 +92,6 @@ def test_every_source_compiles_and_exports_its_entry_points(tmp_path):
         assert r.stderr.strip() == "", f"native/{name} for {arch} warns:\n{r.stderr}"
         missing = set(cuda.KERNELS[name]) - _global_functions(cubin)
         assert not missing, f"native/{name} ({arch}) lacks {sorted(missing)}"
-
-
-# ------------------------------------------- the expert kernels' arithmetic, on host threads
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-@pytest.fixture(scope="module")
-def host_experts(tmp_path_factory):
-    """native/expert_gemv.cu and expert_gemm.cu built as host C++ on tests/cuda_host.hpp."""
-    if shutil.which("g++") is None:
-        pytest.skip("g++ not installed")
-    exe = str(tmp_path_factory.mktemp("host") / "cuda_host_experts")
-    cmd = ["g++", "-std=c++20", "-O1", "-ffp-contract=off", "-pthread", "-Wall", "-Werror", "-Wno-unknown-pragmas",
-           "-include", os.path.join(HERE, "cuda_host.hpp"), "-I", cuda.NATIVE, os.path.join(HERE, "cuda_host_experts.cpp"),
-           "-o", exe]
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    return exe
-
-
-def _stored(a, dtype):
-    return a if dtype == "f32" else (a.astype(np.float16).view(np.uint16) if dtype == "f16"
-                                     else (a.view(np.uint32) >> 16).astype(np.uint16))
-
-
-@pytest.mark.parametrize("dtype", ["f32", "f16", "bf16"])
-@pytest.mark.parametrize("E,I,D,k,T,skip", [(4, 48, 64, 2, 1, False), (6, 37, 53, 3, 3, False),
-                                            (3, 40, 264, 2, 4, True)])
-def test_expert_kernels_compute_exact_bits(host_experts, tmp_path, dtype, E, I, D, k, T, skip):
-    """Decode (per token) and grouped prefill kernels: every row bit for bit exact.expert_rows,
-    the combine exact.combine; entries idx < 0 leave their rows untouched. Shapes: under one
-    16-byte load per lane, odd sizes (the element path), more than one pass of the warp with a
-    partial last one (264 = 256 + 8 weights)."""
-    from lowmoe.backend import exact
-
-    g = np.random.default_rng([E, I, D, k, T])
-    x = (g.standard_normal((T, D)) * 3).astype(np.float32)
-    gate, up = (_stored((g.standard_normal((E, I, D)) / np.sqrt(D)).astype(np.float32), dtype) for _ in range(2))
-    down = _stored((g.standard_normal((E, D, I)) / np.sqrt(I)).astype(np.float32), dtype)
-    idx = np.stack([g.choice(E, k, replace=False) for _ in range(T)]).astype(np.int32)
-    if skip:
-        idx[::2, 0] = -1
-    w = g.uniform(0.1, 1, (T, k)).astype(np.float32)
-    for name, a in dict(x=x, gate=gate, up=up, down=down, idx=idx, w=w).items():
-        a.tofile(tmp_path / f"{name}.bin")
-    r = subprocess.run([host_experts, str(tmp_path), dtype, *map(str, (E, I, D, k, T))], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    want = np.full((T, k, D), np.nan, np.float32)
-    for t in range(T):
-        for j, e in enumerate(idx[t]):
-            if e >= 0:
-                exact.expert_rows(x[t : t + 1], gate[e], up[e], down[e], dtype, want[t, j : j + 1])
-    for name in ("y_decode", "y_prefill"):
-        got = np.fromfile(tmp_path / f"{name}.bin", np.float32).reshape(T, k, D)
-        assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), name
-    if not skip:
-        out = np.fromfile(tmp_path / "out.bin", np.float32).reshape(T, D)
-        assert np.array_equal(out.view(np.uint32), exact.combine(want, w).view(np.uint32))
 
 
 # ------------------------------------------------- the split-sequence attention, in float64

@@ -22,7 +22,7 @@ import numpy as np
 
 from ..budget import plan_cache
 from ..device_slots import device_experts
-from ..errors import DeviceError, InputError
+from ..errors import DeviceError
 from ..experts import OffloadedExperts, ResidentExperts
 from ..hybrid import Costs, choose_cpu_moe, cpu_expert_seconds, misses_on_cpu
 from ..model import KVCache, rope_tables
