@@ -2,13 +2,12 @@
 // Included by the kernel files; no entry points here. Plain C++ with no CUDA headers, so the same
 // source compiles with nvcc (tests) and NVRTC (cupy.RawModule at run time), and with g++ on top of
 // tests/cuda_host.hpp, which runs the kernels on the CPU for the tests.
-// (cuda.source inlines it into each kernel file; the guard lets the host test include two files.)
-#ifndef LOWMOE_COMMON_CUH
-#define LOWMOE_COMMON_CUH
+// (Each kernel file includes it once; cuda.source inlines it, so no include guard is needed.)
 
 // Weight element types. Half-precision weights arrive as their uint16 bits (as lowmoe stores
 // them in host memory), so the element type alone selects the conversion.
 struct Half { unsigned short bits; };
+struct BFloat { unsigned short bits; };
 
 // The launch's dynamic shared memory as T name[]. LOWMOE_CUDA_HOST: built as host C++ on
 // tests/cuda_host.hpp, which runs the kernels without a GPU for the tests.
@@ -17,7 +16,6 @@ struct Half { unsigned short bits; };
 #else
 #define DYNAMIC_SHARED(T, name) T* name = (T*)dynamic_shared
 #endif
-struct BFloat { unsigned short bits; };
 
 __device__ __forceinline__ float to_f32(float w) { return w; }
 __device__ __forceinline__ float to_f32(Half w) {
@@ -153,5 +151,3 @@ __device__ __forceinline__ float exact_exp(float t) {
 }
 
 __device__ __forceinline__ float silu(float g) { return __fdiv_rn(g, __fadd_rn(1.0f, exact_exp(-g))); }
-
-#endif  // LOWMOE_COMMON_CUH
