@@ -24,7 +24,6 @@ import numpy as np
 
 from .engine import Context, Engine
 from .errors import InputError, LowmoeError
-from .model import KVCache
 from .predict.oracle import Oracle, Recorder
 from .slots import aligned_empty
 from .store import is_packed
@@ -57,18 +56,23 @@ def _context_key(engine, ids):
     return h.hexdigest()[:24]
 
 
+def _host(a):
+    """A NumPy copy of a KV slice, from host or GPU memory (CuPy's get)."""
+    return a.get() if hasattr(a, "get") else np.array(a)
+
+
 def load_context(engine, ids, room, cache_dir, progress=None):
     """The Context of `ids` with KV room for `room` tokens: from `cache_dir` when saved there by
     an earlier bench, else prefilled (512 tokens at a time) and saved. -> (context, loaded)."""
     cfg = engine.config
     path = None if cache_dir is None else os.path.join(cache_dir, f"context-{_context_key(engine, ids)}.npz")
     if path is not None and os.path.isfile(path):
-        kv = KVCache(cfg, len(ids) + room)
+        kv = engine._kv_cache(len(ids) + room)  # on the engine's device
         try:
             with np.load(path) as saved:
                 for i in range(cfg.num_layers):
-                    kv.k[i][:, : len(ids)] = saved[f"k{i}"]
-                    kv.v[i][:, : len(ids)] = saved[f"v{i}"]
+                    kv.k[i][:, : len(ids)] = kv.xp.asarray(saved[f"k{i}"])
+                    kv.v[i][:, : len(ids)] = kv.xp.asarray(saved[f"v{i}"])
                 return Context(kv, saved["logits"], len(ids)), True
         except (OSError, ValueError, KeyError, zipfile.BadZipFile):
             pass  # unreadable or not what it should be: built again below and overwritten
@@ -76,8 +80,8 @@ def load_context(engine, ids, room, cache_dir, progress=None):
     if path is not None:
         arrays = {"logits": context.logits}
         for i in range(cfg.num_layers):
-            arrays[f"k{i}"] = context.kv.k[i][:, : len(ids)]
-            arrays[f"v{i}"] = context.kv.v[i][:, : len(ids)]
+            arrays[f"k{i}"] = _host(context.kv.k[i][:, : len(ids)])
+            arrays[f"v{i}"] = _host(context.kv.v[i][:, : len(ids)])
         try:
             os.makedirs(cache_dir, exist_ok=True)
             np.savez(path + ".tmp.npz", **arrays)  # written whole, then renamed: never half a file
@@ -135,7 +139,7 @@ def read_bandwidth(path, block, seconds=2.0, threads=1):
 
 class Bench:
     """Runs strategies from one context. `options`: engine options for the offloaded runs
-    (expert_cache, storage, readers, lookahead)."""
+    (expert_cache, storage, readers, lookahead; on the GPU device, cpu_moe False and miss_policy)."""
 
     def __init__(self, model_dir, context, resident, new_tokens, options):
         self.model_dir = model_dir
@@ -149,7 +153,7 @@ class Bench:
         resident.model.predictor = None
         self.routes = recorder.routes
         self.files = expert_files(model_dir)
-        self.block = resident.model.experts.slab.layout.block
+        self.block = resident.model.experts.layout.block
 
     def run(self, strategy):
         """One decode of `new_tokens` -> its stats (decode_tok_s, stall_s, bytes_read, ...)."""

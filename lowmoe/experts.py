@@ -84,6 +84,7 @@ class ResidentExperts:
 
     def __init__(self, store, cfg, kernel=cpu.expert_ffn):
         self.kernel = kernel
+        self.layout = store.layout
         keys = [(layer, e) for layer in cfg.moe_layers for e in range(cfg.num_experts)]
         self.slab = Slab(store.layout, len(keys))
         self.slot = {k: i for i, k in enumerate(keys)}

@@ -172,3 +172,39 @@ def test_gpu_expert_cache_is_bit_identical_to_resident_experts(host_gpu, monkeyp
             assert on_cpu > 0
         if where == "slots":
             assert stats["misses"] > 0
+
+
+def test_bench_on_the_gpu(host_gpu, monkeypatch, capsys):
+    """`lowmoe bench --device cuda`: the context prefilled on the device, reactive, nextgate and
+    oracle in a GPU expert cache (fake copy stream), each run's tokens equal the resident run's
+    (the bench refuses otherwise)."""
+    import json
+
+    from fake_device import FakeDevice
+
+    from lowmoe.backend import cuda_device, cuda_model
+    from lowmoe.cli.__main__ import main as cli
+
+    class Device(FakeDevice):
+        def expert_sum(self, slab, u, idx, w, rows):
+            return cuda_device.SlotSum(host_gpu, slab, u, idx, w)
+
+    monkeypatch.setattr(cuda_model, "CupyDevice", Device)
+    assert cli(["bench", "--device", "cuda", "--miss-policy", "cpu", "--context", "24", "--new-tokens", "3",
+                "--repeats", "1", "--strategies", "none,reactive,nextgate,oracle", "--expert-cache", "25%",
+                "--context-cache", "none", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["device"] == "cuda" and set(result["strategies"]) == {"none", "reactive", "nextgate", "oracle"}
+    assert result["strategies"]["reactive"]["cache_hit_rate"] < 1
+
+
+def test_a_saved_context_loads_onto_the_device(host_gpu, tmp_path):
+    from lowmoe.bench import load_context
+
+    with lowmoe.Engine.from_pretrained(device="cuda") as e:
+        built, loaded = load_context(e, PROMPT, 4, str(tmp_path))
+        again, loaded_again = load_context(e, PROMPT, 4, str(tmp_path))
+    assert (loaded, loaded_again) == (False, True)
+    assert np.array_equal(again.logits, built.logits) and again.length == built.length == len(PROMPT)
+    for a, b in zip(again.kv.k + again.kv.v, built.kv.k + built.kv.v):
+        assert type(a) is type(b) and np.array_equal(a[:, : len(PROMPT)], b[:, : len(PROMPT)])

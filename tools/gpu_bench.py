@@ -2,8 +2,9 @@
 
     python tools/gpu_bench.py OUTDIR [--inter 10240] [--context 8192] [--new-tokens 32] [--repeats 2]
 
-`lowmoe bench` cannot drive the GPU path (its contexts are host KV caches and it has no device
-option), so this runs the same comparison through the API, all on device 'cuda':
+`lowmoe bench --device cuda` compares the prefetch strategies in a GPU expert cache; this adds
+what it does not run (CPU-MoE, misses on the CPU, the cost models' own choices), side by side
+through the API, all on device 'cuda':
 
 - the model: the bundled model with every expert widened from 96 to --inter units (random gate/up
   rows, zero down columns: the same routing and the same function; 15.7 MB per bf16 expert at

@@ -64,6 +64,7 @@ class DeviceExperts:
     def __init__(self, store, cfg):
         cp = cuda.cupy()
         E = cfg.num_experts
+        self.layout = store.layout
         slab = Slab(store.layout, E)  # one layer at a time in host memory
         self.layers = {}
         for layer in cfg.moe_layers:

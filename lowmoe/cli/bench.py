@@ -23,6 +23,12 @@ def add_arguments(p):
                    help="context text (default: MODEL/bench_prompt.txt if present, else random token ids)")
     p.add_argument("--context-cache", default=os.path.join(os.path.expanduser("~"), ".cache", "lowmoe", "contexts"),
                    metavar="DIR", help="where built contexts are kept for later benches ('none': keep nothing)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                   help="cuda: the model on the GPU, the offloaded strategies in a GPU expert cache of --expert-cache "
+                   "(none: every expert on the GPU)")
+    p.add_argument("--miss-policy", default=None, choices=("wait", "cpu", "auto"),
+                   help="with --device cuda: where the GPU expert cache computes a miss whose copy is in flight "
+                   "(default auto)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
 
 
@@ -48,7 +54,10 @@ def main(args):
     if os.environ.get("SHARPI_EXPERT_CACHE"):  # it would turn the resident engine (`none`) into a cache
         raise InputError("lowmoe bench sets the expert cache itself (--expert-cache): unset SHARPI_EXPERT_CACHE")
     err = Console(stderr=True)
-    resident = Engine.from_pretrained(model, storage=args.storage)
+    gpu = dict(device="cuda", cpu_moe=False, miss_policy=args.miss_policy) if args.device == "cuda" else {}
+    if args.miss_policy is not None and not gpu:
+        raise InputError("--miss-policy is for the GPU expert cache: give --device cuda")
+    resident = Engine.from_pretrained(model, storage=args.storage, device=args.device)
     try:
         learned = os.path.isfile(os.path.join(model, FILENAME))
         heads = has_heads(resident.model.w)
@@ -62,9 +71,9 @@ def main(args):
             prompt = os.path.join(model, PROMPT_FILE)
         ids = context_ids(resident, prompt, args.context)
         options = dict(expert_cache=args.expert_cache, storage=args.storage, readers=args.readers,
-                       lookahead=args.lookahead)
+                       lookahead=args.lookahead, **gpu)
         EngineConfig.from_options(**options)  # bad options fail here, not after the prefill
-        plan_cache(args.expert_cache, resident.config, resident.model.experts.slab.layout.block)
+        plan_cache(args.expert_cache, resident.config, resident.model.experts.layout.block)
         cache_dir = None if args.context_cache == "none" else args.context_cache
         with Progress(console=err, transient=True) as bar:
             task = bar.add_task(f"prefill {args.context} tokens", total=args.context)
@@ -83,7 +92,7 @@ def main(args):
                 bar.advance(task)
     finally:
         resident.close()
-    result = {"model": model, "context": args.context, "expert_cache": args.expert_cache,
+    result = {"model": model, "device": args.device, "context": args.context, "expert_cache": args.expert_cache,
               "storage": args.storage or ("packed" if is_packed(model) else "checkpoint"),
               "new_tokens": args.new_tokens, "repeats": args.repeats, "context_from_cache": loaded,
               "strategies": summarize(runs)}
@@ -97,7 +106,8 @@ def main(args):
 def _print_table(result, console):
     from rich.table import Table
 
-    table = Table(title=f"{result['model']}: context {result['context']}, expert cache {result['expert_cache']}, "
+    table = Table(title=f"{result['model']} on {result['device']}: context {result['context']}, expert cache "
+                  f"{result['expert_cache']}, "
                   f"{result['storage']} store, {result['new_tokens']} new tokens x {result['repeats']}",
                   caption="stall: share of decode time spent waiting for expert reads; recall: |predicted top-k ∩ "
                   "chosen| / k; prefetch hits / cache hits: chosen experts a hint had read (or was reading) / that "
