@@ -16,7 +16,8 @@ through the API, all on device 'cuda':
   interleaved, the median of --repeats reported: resident (every expert on the GPU: the ceiling),
   reactive, nextgate (both waiting for missed copies), miss-cpu (nextgate with --miss-policy cpu),
   oracle (the true routing of an earlier run), CPU-MoE (experts in host memory on the CPU,
-  attention on the GPU), and the cost models' choices with SHARPI_CPU_MOE and --miss-policy unset.
+  attention on the GPU), and the cost models' choices with SHARPI_CPU_MOE and --miss-policy unset;
+- then the same budget through `lowmoe bench --device cuda` itself.
 
 Tokens of every strategy must equal the resident run's: the GPU cache runs the same kernels, and
 the CPU computes experts in their arithmetic (backend/exact.py).
@@ -207,10 +208,36 @@ def run_bench(say, row, outdir, inter=10240, context_len=8192, new_tokens=32, re
     # "auto" is the nextgate GPU cache unless the cost model picked CPU-MoE: was its pick the faster one?
     best = "host" if tps["cpu-moe"] > tps["nextgate"] else "slots"
     row("bench cost model choice", 1, f"chose {where}, faster {best}", where == best)
+    result["lowmoe_bench"] = cli_bench(say, row, model, budget, context_len, new_tokens, repeats)
     with open(os.path.join(outdir, "gpu_bench.json"), "w") as f:
         json.dump(result, f, indent=1)
     say(f"bench: {time.perf_counter() - t0:.0f} s")
     return result
+
+
+def cli_bench(say, row, model, budget, context_len, new_tokens, repeats):
+    """The same budget through `lowmoe bench --device cuda` (none, reactive, nextgate, oracle; misses
+    wait for their copies) -> its JSON result."""
+    import contextlib
+    import io
+
+    from lowmoe.cli.__main__ import main as lowmoe
+
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text):
+        rc = lowmoe(["bench", model, "--device", "cuda", "--miss-policy", "wait", "--storage", "ram",
+                     "--expert-cache", budget, "--context", str(context_len), "--new-tokens", str(new_tokens),
+                     "--repeats", str(repeats), "--strategies", "none,reactive,nextgate,oracle",
+                     "--context-cache", "none", "--json"])
+    if rc != 0:
+        row("lowmoe bench --device cuda", 1, f"exit {rc}", False)
+        return None
+    out = json.loads(text.getvalue())
+    s = out["strategies"]
+    say("lowmoe bench --device cuda: " + ", ".join(f"{n} {v['decode_tok_s']:.2f} tok/s" for n, v in s.items()))
+    ratio = s["nextgate"]["ratio_to_reactive"]
+    row("lowmoe bench nextgate vs reactive", repeats, f"{ratio:.2f}x", ratio > 1)
+    return out
 
 
 def main(argv=None):

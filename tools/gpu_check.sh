@@ -7,7 +7,8 @@
 # kernels against NumPy float64, GPU vs CPU greedy tokens (bundled model and transformers-made
 # checkpoints), the GPU expert cache and CPU-MoE vs the resident GPU run, decode GEMV bandwidth vs a
 # device-to-device copy, and the expert cache benchmark (tools/gpu_bench.py: reactive vs nextgate vs
-# oracle under a 12 GiB emulation at 8K context, CPU-MoE vs GPU cache); see tools/gpu_check.py.
+# oracle under a 12 GiB emulation at 8K context, misses on the CPU, CPU-MoE vs GPU cache, then
+# `lowmoe bench --device cuda` at the same budget); see tools/gpu_check.py.
 # Prints a short table last; full logs in OUTDIR (gpu_check.log, summary.json, gpu_bench.json,
 # setup.log, nvidia-smi.txt).
 # Exit status: 0 all passed, 1 something failed, 2 no usable GPU.
