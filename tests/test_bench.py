@@ -112,6 +112,7 @@ def test_bench_json(tmp_path, capsys):
     (["--strategies", "pregate"], "no pre-gate heads"),
     (["--context", "0"], "--context must be >= 1"),
     (["--expert-cache", "lots"], "lots"),
+    (["--miss-policy", "cpu"], "give --device cuda"),
 ])
 def test_bench_bad_input_is_one_line(extra, message, tmp_path, capsys):
     assert cli(["bench", "--context", "16", "--new-tokens", "2", "--context-cache", "none"] + extra) == 2
@@ -119,10 +120,11 @@ def test_bench_bad_input_is_one_line(extra, message, tmp_path, capsys):
     assert len(err.splitlines()) == 1 and message in err
 
 
-def test_bench_refuses_an_expert_cache_from_the_environment(monkeypatch, capsys):
-    monkeypatch.setenv("SHARPI_EXPERT_CACHE", "25%")
+@pytest.mark.parametrize("var,value", [("SHARPI_EXPERT_CACHE", "25%"), ("SHARPI_VRAM_BUDGET", "12GiB")])
+def test_bench_refuses_an_expert_cache_from_the_environment(var, value, monkeypatch, capsys):
+    monkeypatch.setenv(var, value)
     assert cli(["bench", "--context", "16", "--context-cache", "none"]) == 2
-    assert "unset SHARPI_EXPERT_CACHE" in capsys.readouterr().err
+    assert f"unset {var}" in capsys.readouterr().err
 
 
 def test_bench_prompt_file_too_short(tmp_path, capsys):

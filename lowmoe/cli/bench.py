@@ -51,13 +51,15 @@ def main(args):
                                ("--repeats", args.repeats, 1)):
         if value < least:
             raise InputError(f"{name} must be >= {least}, got {value}")
-    if os.environ.get("SHARPI_EXPERT_CACHE"):  # it would turn the resident engine (`none`) into a cache
-        raise InputError("lowmoe bench sets the expert cache itself (--expert-cache): unset SHARPI_EXPERT_CACHE")
+    for var in ("SHARPI_EXPERT_CACHE", "SHARPI_VRAM_BUDGET"):  # either would make the resident `none` a cache
+        if os.environ.get(var):
+            raise InputError(f"lowmoe bench sets the expert cache itself (--expert-cache): unset {var}")
     err = Console(stderr=True)
     gpu = dict(device="cuda", cpu_moe=False, miss_policy=args.miss_policy) if args.device == "cuda" else {}
     if args.miss_policy is not None and not gpu:
         raise InputError("--miss-policy is for the GPU expert cache: give --device cuda")
-    resident = Engine.from_pretrained(model, storage=args.storage, device=args.device)
+    resident = Engine.from_pretrained(model, storage=args.storage, device=args.device,
+                                      cpu_moe=False if gpu else None)
     try:
         learned = os.path.isfile(os.path.join(model, FILENAME))
         heads = has_heads(resident.model.w)
