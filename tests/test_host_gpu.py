@@ -77,11 +77,6 @@ def test_kernel_against_float64(host_gpu, name):
     assert ran >= 2
 
 
-def _stored(a, dtype):
-    return a if dtype == "f32" else (a.astype(np.float16).view(np.uint16) if dtype == "f16"
-                                     else (a.view(np.uint32) >> 16).astype(np.uint16))
-
-
 @pytest.mark.parametrize("dtype", ["f32", "f16", "bf16"])
 @pytest.mark.parametrize("E,I,D,k,T,skip", [(4, 48, 64, 2, 1, False), (6, 37, 53, 3, 3, False),
                                             (3, 40, 264, 2, 4, True)])
@@ -94,8 +89,8 @@ def test_expert_kernels_compute_exact_bits(host_gpu, dtype, E, I, D, k, T, skip)
 
     g = np.random.default_rng([E, I, D, k, T])
     x = (g.standard_normal((T, D)) * 3).astype(np.float32)
-    gate, up = (_stored((g.standard_normal((E, I, D)) / np.sqrt(D)).astype(np.float32), dtype) for _ in range(2))
-    down = _stored((g.standard_normal((E, D, I)) / np.sqrt(I)).astype(np.float32), dtype)
+    gate, up = (gpu_check.weights(g, (E, I, D), dtype, 1 / np.sqrt(D))[0] for _ in range(2))
+    down = gpu_check.weights(g, (E, D, I), dtype, 1 / np.sqrt(I))[0]
     idx = np.stack([g.choice(E, k, replace=False) for _ in range(T)]).astype(np.int32)
     if skip:
         idx[::2, 0] = -1
