@@ -6,11 +6,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .budget import plan_cache
-from .checkpoint import Checkpoint
-from .config import EngineConfig, load_model_config
+from .tier.budget import plan_cache
+from .load.checkpoint import Checkpoint
+from .load.config import EngineConfig, load_model_config
 from .errors import ConfigError, InputError
-from .experts import OffloadedExperts, ResidentExperts
+from .tier.experts import OffloadedExperts, ResidentExperts
 from .model import KVCache, Model
 from .predict.history import History
 from .predict.learned import FILENAME as LEARNED_FILE
@@ -19,8 +19,8 @@ from .predict.nextgate import NextGate
 from .predict.oracle import Oracle
 from .predict.pregate import PreGate, has_heads
 from .sampling import check_params, sample
-from .store import is_packed, open_store
-from .weights import load_dense
+from .tier.store import is_packed, open_store
+from .load.weights import load_dense
 
 DEFAULT_MODEL = os.path.join(os.path.dirname(__file__), "models", "default")
 
@@ -98,7 +98,7 @@ class Engine:
         else vram_budget ("12GiB": dense weights, KV cache for max_context tokens, workspace, the
         rest expert slots) or expert_cache plans a GPU expert cache, and miss_policy ("wait", "cpu",
         "auto") says where its misses are computed; cpu_moe=True keeps the experts on the CPU (see
-        backend/cuda_model.py)."""
+        cuda_model.py)."""
         options = EngineConfig.from_options(device=device, **options)
         if options.device == "cuda":
             from .backend import cuda
@@ -110,7 +110,7 @@ class Engine:
         dense = load_dense(ckpt, cfg)
         store = open_store(options.storage or ("packed" if is_packed(path) else "checkpoint"), path, ckpt, cfg)
         if options.device == "cuda":
-            from .backend.cuda_model import CudaModel, load_experts
+            from .cuda_model import CudaModel, load_experts
 
             experts, where = load_experts(cfg, dense, store, options)
             predictor = None
@@ -141,7 +141,7 @@ class Engine:
 
     def _kv_cache(self, capacity):
         if self.options.device == "cuda":
-            from .backend.cuda_model import DeviceKVCache
+            from .cuda_model import DeviceKVCache
 
             return DeviceKVCache(self.config, capacity)
         return KVCache(self.config, capacity)

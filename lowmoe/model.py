@@ -12,7 +12,7 @@ from .backend import cpu
 
 class KVCache:
     """Keys and values of every layer: k[layer], v[layer] f32[KV, capacity, hd], grown by doubling.
-    `xp` is the array module holding them (CuPy in backend/cuda_model.DeviceKVCache)."""
+    `xp` is the array module holding them (CuPy in cuda_model.DeviceKVCache)."""
 
     xp = np
 

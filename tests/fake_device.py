@@ -1,4 +1,4 @@
-"""A stand-in for the GPU (backend/cuda_device.py's CupyDevice) with NumPy arrays, so the GPU expert
+"""A stand-in for the GPU (lowmoe/tier/cuda_device.py's CupyDevice) with NumPy arrays, so the GPU expert
 slots run on any machine: the copy stream is a thread that runs its copies in order, each after a
 random delay, and events are set when the stream reaches them. Compute runs on the calling thread,
 with exact.expert_rows (the arithmetic of the GPU's expert kernels) and exact.combine, and checks
@@ -22,9 +22,9 @@ import time
 import numpy as np
 
 from lowmoe.backend import exact
-from lowmoe.experts import _expert_out
-from lowmoe.slots import aligned_empty
-from lowmoe.weights import FFN
+from lowmoe.tier.experts import _expert_out
+from lowmoe.tier.slots import aligned_empty
+from lowmoe.load.weights import FFN
 
 
 class Event:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import lowmoe
-from lowmoe.bench import load_context, schedule, summarize
+from lowmoe.cli.benchmark import load_context, schedule, summarize
 from lowmoe.cli.__main__ import main as cli
 from lowmoe.errors import InputError
 

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lowmoe.cache import CacheFull, SlruCache
+from lowmoe.tier.cache import CacheFull, SlruCache
 
 KEYS = [(layer, expert) for layer in range(3) for expert in range(4)]
 

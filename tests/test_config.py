@@ -2,7 +2,7 @@
 
 import pytest
 
-from lowmoe.config import parse_model_config
+from lowmoe.load.config import parse_model_config
 from lowmoe.errors import ConfigError
 
 BASE = {"vocab_size": 10, "hidden_size": 8, "num_hidden_layers": 6, "num_attention_heads": 2,

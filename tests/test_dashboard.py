@@ -6,7 +6,7 @@ from rich.console import Console
 
 import lowmoe
 from lowmoe.cli.__main__ import main as cli
-from lowmoe.dashboard import Dashboard
+from lowmoe.cli.dashboard import Dashboard
 
 
 def test_dashboard_renders_what_the_run_did():

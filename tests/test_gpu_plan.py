@@ -10,14 +10,14 @@ from dataclasses import replace
 import pytest
 
 import lowmoe
-from lowmoe.backend.cuda_model import device_bytes
-from lowmoe.checkpoint import Checkpoint
+from lowmoe.cuda_model import device_bytes
+from lowmoe.load.checkpoint import Checkpoint
 from lowmoe.cli.__main__ import main as cli
-from lowmoe.config import EngineConfig, load_model_config
+from lowmoe.load.config import EngineConfig, load_model_config
 from lowmoe.errors import InputError
-from lowmoe.hybrid import Costs, choose_cpu_moe, misses_on_cpu
-from lowmoe.vram import plan_vram
-from lowmoe.weights import load_dense
+from lowmoe.tier.hybrid import Costs, choose_cpu_moe, misses_on_cpu
+from lowmoe.tier.vram import plan_vram
+from lowmoe.load.weights import load_dense
 
 # The bundled model: 8 layers (all MoE) x 16 experts, top-4, D 256, I 96, 4 heads / 2 KV of 64,
 # vocabulary 4096, bf16, tied embeddings.

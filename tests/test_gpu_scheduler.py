@@ -12,9 +12,9 @@ import pytest
 
 import lowmoe
 from lowmoe.backend import exact
-from lowmoe.device_slots import DeviceSlots, device_experts, ring_entries
+from lowmoe.tier.device_slots import DeviceSlots, device_experts, ring_entries
 from lowmoe.errors import StorageError
-from lowmoe.experts import OffloadedExperts
+from lowmoe.tier.experts import OffloadedExperts
 
 from fake_device import FakeDevice
 
@@ -209,8 +209,8 @@ def test_misses_computed_on_the_cpu_give_the_same_bits(budget, predictor, refere
 def test_a_ring_entry_is_held_only_while_it_holds_the_slot():
     """hold(slot) finds the free entry with the slot's bytes, never a stale one of an expert the
     slot held before, and nothing once a reader has taken the entry again."""
-    from lowmoe.device_slots import StagingRing
-    from lowmoe.slots import ExpertLayout
+    from lowmoe.tier.device_slots import StagingRing
+    from lowmoe.tier.slots import ExpertLayout
 
     ring = StagingRing(FakeDevice(), ExpertLayout("f32", 4, 8), 3)
     a, b = ring.take(), ring.take()

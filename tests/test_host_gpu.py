@@ -142,7 +142,8 @@ def test_gpu_expert_cache_is_bit_identical_to_resident_experts(host_gpu, monkeyp
     (exact.py), and CPU-MoE (exact.py for every expert): the resident GPU run's bits."""
     from fake_device import FakeDevice
 
-    from lowmoe.backend import cuda_device, cuda_model
+    from lowmoe import cuda_model
+    from lowmoe.tier import cuda_device
 
     class Device(FakeDevice):
         def __init__(self):
@@ -177,7 +178,8 @@ def test_bench_on_the_gpu(host_gpu, monkeypatch, capsys):
 
     from fake_device import FakeDevice
 
-    from lowmoe.backend import cuda_device, cuda_model
+    from lowmoe import cuda_model
+    from lowmoe.tier import cuda_device
     from lowmoe.cli.__main__ import main as cli
 
     class Device(FakeDevice):
@@ -194,7 +196,7 @@ def test_bench_on_the_gpu(host_gpu, monkeypatch, capsys):
 
 
 def test_a_saved_context_loads_onto_the_device(host_gpu, tmp_path):
-    from lowmoe.bench import load_context
+    from lowmoe.cli.benchmark import load_context
 
     with lowmoe.Engine.from_pretrained(device="cuda") as e:
         built, loaded = load_context(e, PROMPT, 4, str(tmp_path))

@@ -18,7 +18,7 @@ import pytest
 import lowmoe
 from lowmoe.backend import cuda
 from lowmoe.cli.__main__ import main as cli_main
-from lowmoe.config import EngineConfig
+from lowmoe.load.config import EngineConfig
 
 from host_cupy import numpy_cupy
 
@@ -254,7 +254,8 @@ def test_gpu_expert_cache_launches_match_their_kernels(monkeypatch):
     # valid expert ids (3t + j mod E), since no kernel runs here.
     from fake_device import FakeDevice
 
-    from lowmoe.backend import cuda_device, cuda_model
+    from lowmoe import cuda_model
+    from lowmoe.tier import cuda_device
 
     launches = _Launches()
     checked = launches.function

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 import lowmoe
-from lowmoe.budget import plan_cache
+from lowmoe.tier.budget import plan_cache
 from lowmoe.cli.__main__ import main as cli
-from lowmoe.config import EngineConfig
-from lowmoe.pack import pack_model
+from lowmoe.load.config import EngineConfig
+from lowmoe.tier.pack import pack_model
 
 BUDGETS = ["min", "10%", "25%", "50%", "100%"]
 PROMPT = [5, 17, 300, 42, 9, 77, 1000, 3, 12, 250, 8, 64]

@@ -4,8 +4,8 @@ import threading
 
 import numpy as np
 
-from lowmoe.prefetch import DEMAND, HINT, ReadScheduler
-from lowmoe.slots import ExpertLayout, Slab
+from lowmoe.tier.prefetch import DEMAND, HINT, ReadScheduler
+from lowmoe.tier.slots import ExpertLayout, Slab
 
 
 class GatedStore:

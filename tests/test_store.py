@@ -20,14 +20,14 @@ from safetensors.numpy import save_file
 
 import lowmoe
 import tiny_model
-from lowmoe.checkpoint import Checkpoint
+from lowmoe.load.checkpoint import Checkpoint
 from lowmoe.cli.__main__ import main as cli
-from lowmoe.config import load_model_config
+from lowmoe.load.config import load_model_config
 from lowmoe.errors import CheckpointError, InputError
-from lowmoe.pack import pack_model
-from lowmoe.slots import ALIGN, Slab, aligned_empty
-from lowmoe.store import CheckpointStore, PackedStore, RamStore, is_packed, open_store
-from lowmoe.weights import load_dense
+from lowmoe.tier.pack import pack_model
+from lowmoe.tier.slots import ALIGN, Slab, aligned_empty
+from lowmoe.tier.store import CheckpointStore, PackedStore, RamStore, is_packed, open_store
+from lowmoe.load.weights import load_dense
 
 KINDS = ["checkpoint", "packed", "ram", "ram-from-packed"]
 MODELS = ["f32", "f16", "bf16"]

@@ -26,7 +26,7 @@ import time
 
 import numpy as np
 
-from lowmoe.cache import SlruCache
+from lowmoe.tier.cache import SlruCache
 
 PROMPTS = [
     "In the beginning God created the heaven and the earth.",

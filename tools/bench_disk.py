@@ -10,7 +10,7 @@ hence the engine's default of one reader (`--readers`).
 
 import argparse
 
-from lowmoe.bench import read_bandwidth
+from lowmoe.cli.benchmark import read_bandwidth
 
 UNITS = {"KiB": 2**10, "MiB": 2**20}
 

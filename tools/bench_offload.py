@@ -18,7 +18,7 @@ import time
 import numpy as np
 
 import lowmoe
-from lowmoe.pack import pack_model
+from lowmoe.tier.pack import pack_model
 from lowmoe.predict.oracle import Oracle, Recorder
 
 CONFIG = {"model_type": "qwen3_moe", "vocab_size": 4096, "hidden_size": 1024, "intermediate_size": 2048,
@@ -66,7 +66,7 @@ def write_model(path):
 
 def disk_bandwidth(path, seconds=3.0, chunk=64 * 2**20):
     """Sequential O_DIRECT read bandwidth of `path` in GB/s (buffered where O_DIRECT is refused)."""
-    from lowmoe.slots import aligned_empty
+    from lowmoe.tier.slots import aligned_empty
 
     buf = aligned_empty(chunk)
     try:

@@ -10,7 +10,7 @@ through the API, all on device 'cuda':
   rows, zero down columns: the same routing and the same function; 15.7 MB per bf16 expert at
   10240, 2.0 GB of experts), written with NumPy alone;
 - the budget: the share of experts a 12 GiB card caches for Qwen3-30B-A3B (bf16) at 8K context,
-  from lowmoe.vram.plan_vram (about 13%), given as an expert cache of that share;
+  from lowmoe.tier.vram.plan_vram (about 13%), given as an expert cache of that share;
 - the slow tier: host memory (storage 'ram'), as on a 12 GB card whose experts live in RAM;
 - one 8K context prefilled once by the all-resident engine; each strategy decodes from it, runs
   interleaved, the median of --repeats reported: resident (every expert on the GPU: the ceiling),
@@ -45,8 +45,8 @@ QWEN3_30B = {"model_type": "qwen3_moe", "vocab_size": 151936, "hidden_size": 204
 
 def card_share(budget="12GiB", context=8192):
     """Share of Qwen3-30B-A3B's experts (bf16) a `budget` card caches at `context` tokens."""
-    from lowmoe.config import parse_model_config
-    from lowmoe.vram import plan_vram
+    from lowmoe.load.config import parse_model_config
+    from lowmoe.tier.vram import plan_vram
 
     cfg = parse_model_config(QWEN3_30B)
     D, V, hd, L = cfg.hidden_size, cfg.vocab_size, cfg.head_dim, cfg.num_layers
@@ -78,7 +78,7 @@ def widen_bundled(out, inter, seed=0):
     import shutil
 
     from lowmoe import DEFAULT_MODEL
-    from lowmoe.checkpoint import Checkpoint, to_f32
+    from lowmoe.load.checkpoint import Checkpoint, to_f32
 
     if os.path.isfile(os.path.join(out, "config.json")):
         return out

@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 
 import lowmoe
 from lowmoe.cli.train_predictor import record, train, train_pregate
-from lowmoe.pack import pack_model
+from lowmoe.tier.pack import pack_model
 from lowmoe.predict.learned import FILENAME, save
 from train_default_model import token_stream  # beside this tool
 

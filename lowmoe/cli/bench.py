@@ -1,5 +1,5 @@
 """`lowmoe bench MODEL`: decode tok/s of reactive, predictive and oracle prefetch side by side, at a
-long context with the expert cache at a fraction of the experts (see lowmoe/bench.py)."""
+long context with the expert cache at a fraction of the experts (see lowmoe/cli/benchmark.py)."""
 
 import json
 import os
@@ -37,14 +37,14 @@ def main(args):
     from rich.progress import Progress
 
     from lowmoe import DEFAULT_MODEL, Engine
-    from lowmoe.bench import PROMPT_FILE, STRATEGIES, Bench, check_strategies, context_ids, load_context, schedule
-    from lowmoe.bench import summarize
-    from lowmoe.budget import plan_cache
-    from lowmoe.config import EngineConfig
+    from lowmoe.cli.benchmark import PROMPT_FILE, STRATEGIES, Bench, check_strategies, context_ids, load_context, schedule
+    from lowmoe.cli.benchmark import summarize
+    from lowmoe.tier.budget import plan_cache
+    from lowmoe.load.config import EngineConfig
     from lowmoe.errors import InputError
     from lowmoe.predict.learned import FILENAME
     from lowmoe.predict.pregate import has_heads
-    from lowmoe.store import is_packed
+    from lowmoe.tier.store import is_packed
 
     model = args.model or DEFAULT_MODEL
     for name, value, least in (("--context", args.context, 1), ("--new-tokens", args.new_tokens, 2),

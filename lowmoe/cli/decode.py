@@ -109,7 +109,7 @@ def _trace_target(args):
 
 def _has_cache(engine):
     """An expert cache, CPU or GPU (with device cuda, a VRAM budget also plans one)."""
-    from lowmoe.experts import OffloadedExperts
+    from lowmoe.tier.experts import OffloadedExperts
 
     return isinstance(engine.model.experts, OffloadedExperts)
 
@@ -151,7 +151,7 @@ def main(args):
     ids = _prompt_ids(engine, args)
     sink = summary = dashboard = None
     if args.dashboard:
-        from lowmoe.dashboard import Dashboard
+        from lowmoe.cli.dashboard import Dashboard
 
         dashboard = Dashboard(engine)
     if trace_path or table or dashboard:

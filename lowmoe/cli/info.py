@@ -18,10 +18,10 @@ def add_arguments(p):
 
 def main(args):
     from lowmoe import DEFAULT_MODEL
-    from lowmoe.budget import plan_cache
-    from lowmoe.checkpoint import Checkpoint
-    from lowmoe.config import load_model_config
-    from lowmoe.store import is_packed, open_store
+    from lowmoe.tier.budget import plan_cache
+    from lowmoe.load.checkpoint import Checkpoint
+    from lowmoe.load.config import load_model_config
+    from lowmoe.tier.store import is_packed, open_store
 
     path = args.model or DEFAULT_MODEL
     cfg = load_model_config(path)
@@ -49,10 +49,10 @@ def main(args):
     if args.expert_cache is not None:
         info.update(plan_cache(args.expert_cache, cfg, store.layout.block).describe())
     if args.vram_budget is not None:
-        from lowmoe.backend.cuda_model import device_bytes
+        from lowmoe.cuda_model import device_bytes
         from lowmoe.errors import InputError
-        from lowmoe.vram import plan_vram
-        from lowmoe.weights import load_dense
+        from lowmoe.tier.vram import plan_vram
+        from lowmoe.load.weights import load_dense
 
         if args.context < 1:
             raise InputError(f"--context must be >= 1, got {args.context}")

@@ -1,4 +1,4 @@
-"""`lowmoe pack MODEL OUT`: write an expert-major packed copy of MODEL into OUT (see lowmoe/pack.py)."""
+"""`lowmoe pack MODEL OUT`: write an expert-major packed copy of MODEL into OUT (see lowmoe/tier/pack.py)."""
 
 import time
 
@@ -12,7 +12,7 @@ def main(args):
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from lowmoe.pack import pack_model
+    from lowmoe.tier.pack import pack_model
 
     t0 = time.perf_counter()
     # the bar goes to stderr, and only to a terminal: stdout holds only the summary line

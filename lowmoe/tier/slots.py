@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .weights import FFN
+from ..load.weights import FFN
 
 ALIGN = 4096
 _ITEMSIZE = {"f32": 4, "f16": 2, "bf16": 2}

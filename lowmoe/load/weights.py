@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .checkpoint import Checkpoint
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 KERNEL_DTYPE = {"F32": "f32", "F16": "f16", "BF16": "bf16"}
 

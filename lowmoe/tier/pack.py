@@ -21,9 +21,9 @@ import shutil
 import struct
 import tempfile
 
-from .checkpoint import Checkpoint
-from .config import load_model_config
-from .errors import CheckpointError, InputError
+from ..load.checkpoint import Checkpoint
+from ..load.config import load_model_config
+from ..errors import CheckpointError, InputError
 from .slots import aligned_empty
 from .store import FORMAT, INDEX, VERSION, CheckpointStore, is_packed
 

@@ -19,12 +19,12 @@ stream). The policy (cache, hints, stats, errors) is the same code for both.
 
 import numpy as np
 
-from .backend import cpu, exact
+from ..backend import cpu, exact
 from .cache import SlruCache
-from .errors import StorageError
+from ..errors import StorageError
 from .prefetch import DEMAND, HINT, ReadScheduler
 from .slots import Slab
-from .trace import LayerEvent
+from ..trace import LayerEvent
 
 RANK_PRECISION = 0.8  # see OffloadedExperts.hint_width
 

@@ -20,17 +20,17 @@ import logging
 
 import numpy as np
 
-from ..budget import plan_cache
-from ..device_slots import device_experts
-from ..errors import DeviceError
-from ..experts import OffloadedExperts, ResidentExperts
-from ..hybrid import Costs, choose_cpu_moe, cpu_expert_seconds, misses_on_cpu
-from ..model import KVCache, rope_tables
-from ..slots import Slab
-from ..vram import plan_vram
-from ..weights import FFN, Attention, Layer, Matrix, Weights
-from . import cuda, exact
-from .cuda_device import CupyDevice, transfer_costs
+from .tier.budget import plan_cache
+from .tier.device_slots import device_experts
+from .errors import DeviceError
+from .tier.experts import OffloadedExperts, ResidentExperts
+from .tier.hybrid import Costs, choose_cpu_moe, cpu_expert_seconds, misses_on_cpu
+from .model import KVCache, rope_tables
+from .tier.slots import Slab
+from .tier.vram import plan_vram
+from .load.weights import FFN, Attention, Layer, Matrix, Weights
+from .backend import cuda, exact
+from .tier.cuda_device import CupyDevice, transfer_costs
 
 log = logging.getLogger("lowmoe")
 

@@ -11,8 +11,8 @@ import time
 
 import numpy as np
 
-from ..slots import ALIGN
-from . import cuda
+from .slots import ALIGN
+from ..backend import cuda
 
 
 class CupyDevice:

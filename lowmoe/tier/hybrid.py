@@ -20,7 +20,7 @@ Either way the CPU computes with exact.expert_rows, the GPU kernels' arithmetic:
 made from timings, change speed and never the output. The GPU path's device time per expert (S over the
 GPU's memory bandwidth, microseconds) is left out: it is small next to either side.
 
-Measured at load: B, C and r by backend/cuda_device.py (transfer_costs), c here
+Measured at load: B, C and r by cuda_device.py (transfer_costs), c here
 (cpu_expert_seconds). The expected hit rate is the share of experts the cache holds (the rate
 under uniform routing; real routing favours some experts, so the GPU cache is if anything
 under-rated).
@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .backend import exact
+from ..backend import exact
 from .slots import Slab
 
 @dataclass(frozen=True)

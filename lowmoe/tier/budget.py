@@ -7,7 +7,7 @@ per expert (reads land in slots). Staging slots hold prefetched experts until th
 import re
 from dataclasses import dataclass
 
-from .errors import InputError
+from ..errors import InputError
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}

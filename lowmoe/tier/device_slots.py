@@ -23,7 +23,7 @@ the ring meanwhile), with exact.expert_rows, while the device computes the other
 uploaded. That kernel computes the device kernels' exact bits, so which experts went where never
 changes the output.
 
-`dev` is the device: backend/cuda_device.py's CupyDevice, or a fake in the tests with the same
+`dev` is the device: cuda_device.py's CupyDevice, or a fake in the tests with the same
 methods (empty, pinned, stream, compute, copy, record, wait, synchronize, done, to_host,
 expert_sum).
 """
@@ -31,7 +31,7 @@ expert_sum).
 import collections
 import threading
 
-from .backend import exact
+from ..backend import exact
 from .experts import OffloadedExperts, _expert_out
 from .slots import ALIGN, _NP, block_ffn
 

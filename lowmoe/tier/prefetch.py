@@ -14,7 +14,7 @@ import itertools
 import threading
 import time
 
-from .errors import LowmoeError, StorageError
+from ..errors import LowmoeError, StorageError
 
 DEMAND, HINT = 0, 1
 

@@ -3,7 +3,7 @@ holds when the model does not fit, and how many expert slots are left for the ca
 
     budget = dense weights + KV cache for the context + workspace + (cache + staging slots) * slot
 
-- dense weights: everything but the routed experts, as backend/cuda_model.py uploads them
+- dense weights: everything but the routed experts, as cuda_model.py uploads them
   (cuda_model.device_bytes);
 - KV cache: DeviceKVCache at a capacity of `context` tokens: k and v f32[KV, context, hd] per
   layer, and the RoPE tables cos, sin f32[context, hd/2];
@@ -22,7 +22,7 @@ in the budget.
 from dataclasses import dataclass
 
 from .budget import CachePlan, fmt_bytes, parse_bytes
-from .errors import InputError
+from ..errors import InputError
 
 PREFILL_CHUNK = 512  # tokens per forward of a long prompt (bench and engine prefill chunks)
 WORKSPACE_FIXED = 256 << 20

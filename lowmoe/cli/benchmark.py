@@ -22,11 +22,11 @@ import zipfile
 
 import numpy as np
 
-from .engine import Context, Engine
-from .errors import InputError, LowmoeError
-from .predict.oracle import Oracle, Recorder
-from .slots import aligned_empty
-from .store import is_packed
+from ..engine import Context, Engine
+from ..errors import InputError, LowmoeError
+from ..predict.oracle import Oracle, Recorder
+from ..tier.slots import aligned_empty
+from ..tier.store import is_packed
 
 STRATEGIES = ("none", "reactive", "nextgate", "learned", "pregate", "history", "oracle")
 PROMPT_FILE = "bench_prompt.txt"  # default context text, when the model folder has one

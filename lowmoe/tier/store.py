@@ -19,9 +19,9 @@ import os
 
 import numpy as np
 
-from .errors import CheckpointError, InputError
+from ..errors import CheckpointError, InputError
 from .slots import ALIGN, ExpertLayout, aligned_empty
-from .weights import KERNEL_DTYPE
+from ..load.weights import KERNEL_DTYPE
 
 FORMAT, VERSION = "lowmoe-packed", 1
 INDEX = "experts.json"

@@ -4,7 +4,7 @@ Fed by the engine's LayerEvents and the decoded text; renders with rich."""
 
 import time
 
-from .trace import Summary, summary_table
+from ..trace import Summary, summary_table
 
 
 class Dashboard:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 # safetensors dtype -> (numpy dtype of the raw array, bytes per element). F16/BF16 stay uint16:
 # Numba kernels take them as uint16 views and convert in registers.
