@@ -28,7 +28,13 @@ NAMES = list(VARIANTS)
 PROMPT_LEN = 32
 PROMPT_SEED = 1234
 NEW_TOKENS = 24
-TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-3, "float16": 2e-3}  # max|a-b| / max|b|
+# max|a-b| / max|b|. The reference is transformers in float32 over the checkpoint's own weights
+# (half-precision weights upcast exactly), and lowmoe also computes in float32 over the same
+# weights, so the dtype changes nothing but the weights' values: what remains is float32 rounding
+# and summation order. Observed, all variants: at most 5.6e-6 (3.5e-6 for the bf16/f16 ones),
+# native or NUMBA_CPU_NAME=generic codegen, 1 or 2 threads. 3e-5 is 5x that; an RMSNorm eps ten
+# times too large gives 8e-5 to 0.45 (the least on qwen3_moe_f16_sharded) and fails every variant.
+TOLERANCE = {"float32": 3e-5, "bfloat16": 3e-5, "float16": 3e-5}
 MIN_GREEDY_GAP = 1e-3  # top-1 minus top-2 logit along the reference greedy path
 MIN_ROUTER_GAP = 1e-3  # k-th minus (k+1)-th router logit, every MoE layer, every position
 
