@@ -6,11 +6,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .tier.budget import plan_cache
+from .backend import backend, cpu
+from .errors import ConfigError, InputError
 from .load.checkpoint import Checkpoint
 from .load.config import EngineConfig, load_model_config
-from .errors import ConfigError, InputError
-from .tier.experts import OffloadedExperts, ResidentExperts
+from .load.weights import load_dense, to_device
 from .model import KVCache, Model
 from .predict.history import History
 from .predict.learned import FILENAME as LEARNED_FILE
@@ -19,8 +19,10 @@ from .predict.nextgate import NextGate
 from .predict.oracle import Oracle
 from .predict.pregate import PreGate, has_heads
 from .sampling import check_params, sample
+from .tier import vram
+from .tier.experts import OffloadedExperts
+from .tier.placement import place_experts
 from .tier.store import is_packed, open_store
-from .load.weights import load_dense
 
 DEFAULT_MODEL = os.path.join(os.path.dirname(__file__), "models", "default")
 
@@ -98,36 +100,21 @@ class Engine:
         else vram_budget ("12GiB": dense weights, KV cache for max_context tokens, workspace, the
         rest expert slots) or expert_cache plans a GPU expert cache, and miss_policy ("wait", "cpu",
         "auto") says where its misses are computed; cpu_moe=True keeps the experts on the CPU (see
-        cuda_model.py)."""
+        tier/placement.py)."""
         options = EngineConfig.from_options(device=device, **options)
-        if options.device == "cuda":
-            from .backend import cuda
-
-            cuda.cupy()  # DeviceError before loading anything when no GPU is usable
+        ops = backend(options.device)  # DeviceError before loading anything when no GPU is usable
         path = os.fspath(path)
         cfg = load_model_config(path)
         ckpt = Checkpoint(path)
         dense = load_dense(ckpt, cfg)
         store = open_store(options.storage or ("packed" if is_packed(path) else "checkpoint"), path, ckpt, cfg)
-        if options.device == "cuda":
-            from .cuda_model import CudaModel, load_experts
-
-            experts, where = load_experts(cfg, dense, store, options)
-            predictor = None
-            if isinstance(experts, OffloadedExperts):
-                predictor = make_predictor(options.predictor, cfg, dense, path, options.oracle_trace, options.lookahead)
-            model = CudaModel(cfg, dense, experts, where, predictor)
-            return cls(path, cfg, options, model, load_tokenizer(path))
+        experts, where = place_experts(cfg, dense, store, options)
         predictor = None
-        if options.expert_cache is None:
-            experts = ResidentExperts(store, cfg)
-            store.close()
-        else:
-            # Staging slots: one layer's top-k for each layer of lookahead.
-            plan = plan_cache(options.expert_cache, cfg, store.layout.block, cfg.top_k * options.lookahead)
-            experts = OffloadedExperts(store, cfg, plan, options.readers, options.read_timeout_s)
+        if isinstance(experts, OffloadedExperts):
             predictor = make_predictor(options.predictor, cfg, dense, path, options.oracle_trace, options.lookahead)
-        return cls(path, cfg, options, Model(cfg, dense, experts, predictor), load_tokenizer(path))
+        weights = dense if ops is cpu else to_device(dense, ops.to_device)  # the CPU computes from the loaded arrays
+        model = Model(cfg, weights, experts, ops, predictor, where)
+        return cls(path, cfg, options, model, load_tokenizer(path))
 
     def close(self):
         """Stops the reader threads and closes the slow tier's files."""
@@ -140,11 +127,15 @@ class Engine:
         self.close()
 
     def _kv_cache(self, capacity):
-        if self.options.device == "cuda":
-            from .cuda_model import DeviceKVCache
+        self._check_context(capacity)
+        return KVCache(self.config, capacity, self.model.ops)
 
-            return DeviceKVCache(self.config, capacity)
-        return KVCache(self.config, capacity)
+    def _check_context(self, length):
+        """With a VRAM budget the plan holds a KV cache of max_context positions: refuse more."""
+        o = self.options
+        if o.device == "cuda" and o.vram_budget is not None and length > o.max_context:
+            raise InputError(f"{length} positions of context (the prompt and the new tokens) exceed max_context "
+                             f"{o.max_context}, the KV cache the VRAM budget planned for; raise --max-context")
 
     def encode(self, text):
         if self.tokenizer is None:
@@ -169,17 +160,21 @@ class Engine:
         return ids.astype(np.int64)
 
     def logits(self, token_ids):
-        """Full-sequence logits f32[T, vocab] for the given ids, from an empty context."""
+        """Full-sequence logits f32[T, vocab] for the given ids, from an empty context, computed
+        vram.PREFILL_CHUNK tokens at a time (as prefill)."""
         ids = self._check_ids(token_ids)
-        return self.model.forward(ids, self._kv_cache(len(ids)), all_logits=True)
+        kv = self._kv_cache(len(ids))
+        step = vram.PREFILL_CHUNK
+        return np.concatenate([self.model.forward(ids[i : i + step], kv, all_logits=True) for i in range(0, len(ids), step)])
 
     def prefill(self, token_ids, room=0, chunk=None, progress=None):
         """Runs the prompt through the model -> a Context with KV room for `room` more tokens.
-        `chunk` tokens at a time when given (the same result: each position sees exactly the
-        positions before it), calling progress(done, total) after each chunk."""
+        `chunk` tokens at a time (default vram.PREFILL_CHUNK, the forward pass the VRAM plan's
+        workspace holds; the same result: each position sees exactly the positions before it),
+        calling progress(done, total) after each chunk."""
         ids = self._check_ids(token_ids)
         kv = self._kv_cache(len(ids) + room)
-        step = chunk or len(ids)
+        step = chunk or vram.PREFILL_CHUNK
         for i in range(0, len(ids), step):
             logits = self.model.forward(ids[i : i + step], kv)
             if progress is not None:
@@ -209,6 +204,7 @@ class Engine:
         rng = np.random.default_rng(seed)
         kv, logits = context.kv, context.logits[None]
         kv.length = context.length
+        self._check_context(context.length + max_new_tokens)
         kv.reserve(context.length + max_new_tokens)
         stats = {} if stats is None else stats
         stats.update(decode_tokens=0, decode_s=0.0)

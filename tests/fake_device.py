@@ -22,6 +22,7 @@ import time
 import numpy as np
 
 from lowmoe.backend import exact
+from lowmoe.tier import cuda_device
 from lowmoe.tier.experts import _expert_out
 from lowmoe.tier.slots import aligned_empty
 from lowmoe.load.weights import FFN
@@ -176,3 +177,21 @@ class FakeSum:
     def result(self):
         assert not np.isnan(self.y).any(), "a chosen expert's row was never written"
         return exact.combine(self.y, self.w)
+
+
+class KernelDevice(FakeDevice):
+    """A FakeDevice whose expert sums run the real CUDA kernels: cuda_device.SlotSum over the CuPy
+    stand-in `cp` (tests/host_cupy.py). Those run at once on the calling thread, so a wait of the
+    compute stream blocks the caller here, as on a GPU it holds back the kernels enqueued after it."""
+
+    def __init__(self, cp, **options):
+        super().__init__(**options)
+        self.cp = cp
+
+    def wait(self, stream, event):
+        super().wait(stream, event)
+        if stream is self.compute:
+            self.synchronize(event)
+
+    def expert_sum(self, slab, u, idx, w, rows):
+        return cuda_device.SlotSum(self.cp, slab, u, idx, w)

@@ -34,7 +34,7 @@ def numpy_cupy(function):
     return types.SimpleNamespace(
         cuda=cuda_ns, RawModule=lambda code, options: module, asnumpy=lambda a: np.array(a),
         asarray=lambda a, dtype=None: np.array(a, dtype=dtype),
-        **{f: getattr(np, f) for f in ("empty", "full", "zeros", "ones", "exp", "clip", "arange")})
+        **{f: getattr(np, f) for f in ("empty", "full", "zeros", "ones", "exp", "clip", "arange", "ascontiguousarray")})
 
 
 def _params(text):

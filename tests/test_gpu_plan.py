@@ -10,7 +10,7 @@ from dataclasses import replace
 import pytest
 
 import lowmoe
-from lowmoe.cuda_model import device_bytes
+from lowmoe.load.weights import device_bytes
 from lowmoe.load.checkpoint import Checkpoint
 from lowmoe.cli.__main__ import main as cli
 from lowmoe.load.config import EngineConfig, load_model_config

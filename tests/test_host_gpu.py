@@ -10,7 +10,6 @@ What this cannot show: the hardware (f16 cvt, memory coalescing, the copy stream
 overlapping compute), CuPy itself, and the speed; tools/gpu_check.sh does on a GPU."""
 
 import os
-import shutil
 import sys
 
 import numpy as np
@@ -19,8 +18,6 @@ import pytest
 import lowmoe
 from lowmoe.backend import cuda
 
-from host_cupy import HostKernels, numpy_cupy
-
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
 import gpu_check  # noqa: E402  (tools/, for its float64 references and cases)
 
@@ -28,25 +25,6 @@ import gpu_check  # noqa: E402  (tools/, for its float64 references and cases)
 # thread is a fiber here, and a context switch per barrier makes the largest shapes take minutes.
 MAX_WORK = 3 << 20
 PROMPT = [5, 17, 300, 42, 9, 77, 100, 3]  # ids inside the test models' 384-token vocabulary
-
-
-@pytest.fixture(scope="module")
-def kernels(tmp_path_factory):
-    if shutil.which("g++") is None:
-        pytest.skip("g++ not installed")
-    return HostKernels(str(tmp_path_factory.mktemp("host_kernels")))
-
-
-@pytest.fixture
-def host_gpu(kernels, monkeypatch):
-    """cupy is the host stand-in running `kernels`; buffers no kernel writes hold NaN."""
-    cp = numpy_cupy(kernels.function)
-    monkeypatch.setattr(cuda, "_cupy", None)
-    monkeypatch.setitem(sys.modules, "cupy", cp)
-    monkeypatch.setattr(cuda, "_modules", {})
-    monkeypatch.setattr(cuda, "_functions", {})
-    monkeypatch.setattr(cuda, "POISON", True)
-    return cp
 
 
 def _work(name, case):
@@ -140,19 +118,12 @@ def test_gpu_decoder_matches_the_cpu_on_every_architecture(host_gpu, test_models
 def test_gpu_expert_cache_is_bit_identical_to_resident_experts(host_gpu, monkeypatch):
     """The slots path's kernels over slot ids, grouped or not, rows computed on the CPU for misses
     (exact.py), and CPU-MoE (exact.py for every expert): the resident GPU run's bits."""
-    from fake_device import FakeDevice
+    from fake_device import KernelDevice
 
-    from lowmoe import cuda_model
-    from lowmoe.tier import cuda_device
+    from lowmoe.tier import placement
 
-    class Device(FakeDevice):
-        def __init__(self):
-            super().__init__(delay_s=0.01, seed=4)  # copies slower than reads: misses find them in flight
-
-        def expert_sum(self, slab, u, idx, w, rows):
-            return cuda_device.SlotSum(host_gpu, slab, u, idx, w)
-
-    monkeypatch.setattr(cuda_model, "CupyDevice", Device)
+    # Copies slower than reads: misses find them in flight.
+    monkeypatch.setattr(placement, "CupyDevice", lambda: KernelDevice(host_gpu, delay_s=0.01, seed=4))
     with lowmoe.Engine.from_pretrained(device="cuda") as e:
         want, want_logits, _ = _run(e)
     for options, where in ((dict(expert_cache="25%", miss_policy="wait"), "slots"),
@@ -173,26 +144,22 @@ def test_gpu_expert_cache_is_bit_identical_to_resident_experts(host_gpu, monkeyp
 def test_bench_on_the_gpu(host_gpu, monkeypatch, capsys):
     """`lowmoe bench --device cuda`: the context prefilled on the device, reactive, nextgate and
     oracle in a GPU expert cache (fake copy stream), each run's tokens equal the resident run's
-    (the bench refuses otherwise)."""
+    (the bench refuses otherwise), and the oracle replays the routing the resident GPU run recorded."""
     import json
 
-    from fake_device import FakeDevice
+    from fake_device import KernelDevice
 
-    from lowmoe import cuda_model
-    from lowmoe.tier import cuda_device
+    from lowmoe.tier import placement
     from lowmoe.cli.__main__ import main as cli
 
-    class Device(FakeDevice):
-        def expert_sum(self, slab, u, idx, w, rows):
-            return cuda_device.SlotSum(host_gpu, slab, u, idx, w)
-
-    monkeypatch.setattr(cuda_model, "CupyDevice", Device)
+    monkeypatch.setattr(placement, "CupyDevice", lambda: KernelDevice(host_gpu))
     assert cli(["bench", "--device", "cuda", "--miss-policy", "cpu", "--context", "24", "--new-tokens", "3",
                 "--repeats", "1", "--strategies", "none,reactive,nextgate,oracle", "--expert-cache", "25%",
                 "--context-cache", "none", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["device"] == "cuda" and set(result["strategies"]) == {"none", "reactive", "nextgate", "oracle"}
     assert result["strategies"]["reactive"]["cache_hit_rate"] < 1
+    assert result["strategies"]["oracle"]["topk_recall"] == 1.0  # the resident run recorded the routing
 
 
 def test_a_saved_context_loads_onto_the_device(host_gpu, tmp_path):
@@ -205,3 +172,31 @@ def test_a_saved_context_loads_onto_the_device(host_gpu, tmp_path):
     assert np.array_equal(again.logits, built.logits) and again.length == built.length == len(PROMPT)
     for a, b in zip(again.kv.k + again.kv.v, built.kv.k + built.kv.v):
         assert type(a) is type(b) and np.array_equal(a[:, : len(PROMPT)], b[:, : len(PROMPT)])
+
+
+def test_a_planned_gpu_forward_stays_inside_the_plan(host_gpu, monkeypatch):
+    """With a VRAM budget, no forward pass holds more tokens than the plan's workspace was sized for
+    (vram.PREFILL_CHUNK, 3 here), the KV cache never more than max_context positions (a prompt
+    decoded from a Context without room grows it to the sequence, not to twice the prompt), and a
+    longer sequence is a one-line error."""
+    from fake_device import KernelDevice
+
+    from lowmoe.tier import placement, vram
+
+    monkeypatch.setattr(placement, "CupyDevice", lambda: KernelDevice(host_gpu))
+    monkeypatch.setattr(vram, "PREFILL_CHUNK", 3)
+    with lowmoe.Engine.from_pretrained(device="cuda", vram_budget="1GiB", max_context=12, cpu_moe=False,
+                                       miss_policy="wait") as e:
+        seen, forward = [], e.model.forward
+
+        def recording(tokens, kv, all_logits=False):
+            seen.append((len(tokens), kv.k[0].shape[1]))
+            return forward(tokens, kv, all_logits)
+
+        e.model.forward = recording
+        e.logits(PROMPT)
+        context = e.prefill(PROMPT)
+        assert len(list(e.stream_from(context, 4, stop_at_eos=False))) == 4
+        assert max(t for t, _ in seen) == 3 and max(c for _, c in seen) == len(PROMPT) + 4
+        with pytest.raises(lowmoe.InputError, match="exceed max_context 12"):
+            e.generate(PROMPT, 5)

@@ -250,12 +250,11 @@ def test_every_launch_matches_its_kernel_signature(monkeypatch, request):
 def test_gpu_expert_cache_launches_match_their_kernels(monkeypatch):
     # device 'cuda' with a GPU expert cache (slots on tests/fake_device.py, summed by
     # cuda_device.SlotSum through the expert kernels over slot ids, in groups at "min") and with
-    # CPU-MoE: cuda_model's wiring runs, with the launches checked. The router's launch writes
+    # CPU-MoE: placement.py's wiring runs, with the launches checked. The router's launch writes
     # valid expert ids (3t + j mod E), since no kernel runs here.
-    from fake_device import FakeDevice
+    from fake_device import KernelDevice
 
-    from lowmoe import cuda_model
-    from lowmoe.tier import cuda_device
+    from lowmoe.tier import placement
 
     launches = _Launches()
     checked = launches.function
@@ -281,11 +280,7 @@ def test_gpu_expert_cache_launches_match_their_kernels(monkeypatch):
     monkeypatch.setattr(cuda, "_functions", {})
     monkeypatch.setattr(cuda, "POISON", True)  # NaN, not garbage, in the buffers no kernel writes
 
-    class Device(FakeDevice):
-        def expert_sum(self, slab, u, idx, w, rows):
-            return cuda_device.SlotSum(cp, slab, u, idx, w)
-
-    monkeypatch.setattr(cuda_model, "CupyDevice", Device)
+    monkeypatch.setattr(placement, "CupyDevice", lambda: KernelDevice(cp))
     for options, where in ((dict(expert_cache="25%", cpu_moe=False, miss_policy="wait"), "slots"),
                            (dict(expert_cache="min", cpu_moe=False, miss_policy="cpu"), "slots"),
                            (dict(cpu_moe=True), "host"), (dict(cpu_moe=True, expert_cache="25%"), "host")):

@@ -52,7 +52,7 @@ def card_share(budget="12GiB", context=8192):
     D, V, hd, L = cfg.hidden_size, cfg.vocab_size, cfg.head_dim, cfg.num_layers
     rows = [(cfg.num_heads * hd, D), (cfg.num_kv_heads * hd, D), (cfg.num_kv_heads * hd, D), (D, cfg.num_heads * hd),
             (cfg.num_experts, D)]
-    # dense as cuda_model.device_bytes counts it: bf16 matrices with an f32 bias row, f32 vectors
+    # dense as weights.device_bytes counts it: bf16 matrices with an f32 bias row, f32 vectors
     layer = sum(r * c * 2 + 4 * r for r, c in rows) + 4 * (2 * D + 2 * hd)
     dense = 2 * (V * D * 2 + 4 * V) + 4 * D + L * layer
     slot = 3 * cfg.expert_intermediate * D * 2

@@ -1,29 +1,39 @@
 """One-shot GPU check of lowmoe's CUDA kernels (run by tools/gpu_check.sh; needs a GPU and CuPy).
 
-    python tools/gpu_check.py OUTDIR [--models DIR] [--tokens N]
+    python tools/gpu_check.py OUTDIR [--models DIR] [--tokens N] [--skip-bench] [--probe]
 
 1. Every kernel (through lowmoe/backend/cuda.py) against NumPy float64 on fresh random inputs,
    never zeros, at several shapes including odd ones. Outputs and scratch buffers start as NaN
    (cuda.POISON), so every element must be written; KV cache rows past the context are NaN, so no
-   kernel may read them.
+   kernel may read them. The expert kernels bit for bit against backend/exact.py.
 2. Greedy tokens of device='cuda' equal device='cpu' on the bundled model and on every checkpoint
    in --models (tools/make_test_models.py output); logits of a prefill are compared too.
-3. Bandwidth of the decode GEMVs (expert SwiGLU and lm_head-sized linear) against a large
-   device-to-device copy measured in the same run.
-4. The GPU expert cache (issue 7) on the bundled model: device slots at several budgets and
+3. The GPU expert cache (issue 7) on the bundled model: device slots at several budgets and
    predictors, a VRAM budget, CPU-MoE and the cost model's choice give the resident GPU run's
    tokens (and its logits, bit for bit, where one group holds a layer's experts).
-5. Benchmark (tools/gpu_bench.py; --skip-bench leaves it out): reactive vs nextgate vs oracle
+4. Kernel launches and host syncs per decoded token (`counting`) for each placement of the
+   experts (every one resident on the GPU, a GPU expert cache with and without a predictor,
+   CPU-MoE), on the bundled model and on a random model with Qwen3-30B-A3B's layout (48 MoE layers,
+   128 experts, top 8; small widths): every step must count the same, and the host wait as often as
+   the placement's design says (PLACEMENTS). At small batch the host's launch work bounds a fast
+   GPU's decode: these are the numbers to cut by fusing kernels or capturing a CUDA graph. CuPy's
+   own array operators (residual adds, KV cache writes) are not counted.
+5. Bandwidth of the decode GEMVs (expert SwiGLU and lm_head-sized linear) against a large
+   device-to-device copy measured in the same run.
+6. Benchmark (tools/gpu_bench.py; --skip-bench leaves it out): reactive vs nextgate vs oracle
    under a 12 GiB budget emulation at 8K context, and CPU-MoE vs the GPU cache.
 
 Writes OUTDIR/gpu_check.log (every case) and OUTDIR/summary.json; prints a short table last.
-Exit status 0 when everything passed, 1 when something failed, 2 when no GPU is usable.
+Exit status 0 when everything passed, 1 when something failed, 2 when no GPU is usable (one line
+says why; --probe checks only that).
 """
 
 import argparse
+import contextlib
 import json
 import os
 import sys
+import threading
 import time
 import traceback
 import types
@@ -97,7 +107,7 @@ def check_linear(cuda, cp, g, dtype, T, D, R):
     w, w64 = weights(g, (R, D), dtype, 1 / np.sqrt(D))
     b = randn(g, R)
     out = cp.full((T, R), np.nan, np.float32)
-    cuda.linear(cp.asarray(x), cp.asarray(w), dtype, cp.asarray(b), out)
+    cuda.linear(cp.asarray(x), cp.asarray(w), dtype, out, cp.asarray(b))
     return err(cp.asnumpy(out), x.astype(np.float64) @ w64.T + b)
 
 
@@ -157,9 +167,7 @@ def check_router(cuda, cp, g, T, E, k, renorm, ties):
     logits = randn(g, T, E, scale=2.0)
     if ties:  # equal logits: the lower expert id must come first, as on the CPU
         logits[:, 1::2] = logits[:, 0::2][:, : logits[:, 1::2].shape[1]]
-    idx = cp.full((T, k), -1, np.int32)
-    w = cp.full((T, k), np.nan, np.float32)
-    cuda.router_topk(cp.asarray(logits), k, renorm, idx, w)
+    idx, w = cuda.router_topk(cp.asarray(logits), k, renorm)  # in buffers filled with -1 / NaN (POISON)
     cidx, _ = cpu.router_topk(logits, k, renorm)
     z = logits.astype(np.float64)
     p = np.exp(z - z.max(1, keepdims=True))
@@ -171,6 +179,14 @@ def check_router(cuda, cp, g, T, E, k, renorm, ties):
     return err(cp.asnumpy(w), ref) if same else float("inf")
 
 
+def expert_sum(cuda, x, gate, up, down, dtype, idx, w, out):
+    """out f32[T, D] = sum_j w[t, j] * expert idx[t, j](x[t]) over a layer's stacked experts, as the
+    resident GPU experts compute it (tier/placement.DeviceExperts)."""
+    y = cuda.buffer((idx.size, x.shape[1]))
+    cuda.expert_rows(x, gate, up, down, dtype, idx, y)
+    cuda.expert_combine(y, w, out)
+
+
 def check_experts(cuda, cp, g, dtype, E, I, D, k, T):
     x = randn(g, T, D)
     gate, g64 = weights(g, (E, I, D), dtype, 1 / np.sqrt(D))
@@ -179,8 +195,8 @@ def check_experts(cuda, cp, g, dtype, E, I, D, k, T):
     idx = np.stack([g.choice(E, k, replace=False) for _ in range(T)]).astype(np.int32)
     w = g.uniform(0.1, 1.0, (T, k)).astype(np.float32)
     out = cp.full((T, D), np.nan, np.float32)
-    cuda.expert_ffn(cp.asarray(x), cp.asarray(gate), cp.asarray(up), cp.asarray(down), dtype, cp.asarray(idx),
-                    cp.asarray(w), out)
+    expert_sum(cuda, cp.asarray(x), cp.asarray(gate), cp.asarray(up), cp.asarray(down), dtype, cp.asarray(idx),
+               cp.asarray(w), out)
     x64, ref = x.astype(np.float64), np.zeros((T, D))
     for t in range(T):
         for j, e in enumerate(idx[t]):
@@ -320,6 +336,161 @@ def compare_gpu_cache(rep, n_tokens):
             rep.row(label, n_tokens, "error", False)
 
 
+# ----------------------------------------------------------- launches and host syncs per token
+
+# The expert placements whose decode steps are counted: Engine options, and the host syncs each
+# MoE layer adds to the one every token has (its logits). The slots runs wait for their misses
+# (no rows computed on the CPU), so their counts do not depend on when copies land.
+PLACEMENTS = {
+    "resident": (dict(cpu_moe=False), 0),  # the router's ids stay on the device
+    "slots": (dict(expert_cache="25%", predictor="none", miss_policy="wait", cpu_moe=False), 1),  # its ids
+    # + the hidden state the predictor reads (its ids are on the host by then: no second wait)
+    "slots nextgate": (dict(expert_cache="25%", predictor="nextgate", miss_policy="wait", cpu_moe=False), 2),
+    "cpu-moe": (dict(cpu_moe=True), 3),  # ids, u and w: three copies, each waited for
+}
+COUNTED = ("launches", "cupy", "uploads", "syncs")
+PROMPT = [5, 17, 300, 42, 9, 77, 100, 3]  # token ids inside every vocabulary counted here
+
+
+@contextlib.contextmanager
+def counting(dev=None):
+    """Counts what this thread asks of the GPU inside the block -> {name: count}, filled on exit:
+
+    launches  lowmoe's kernels (every one goes through cuda._launch);
+    cupy      CuPy kernels lowmoe calls by name: fills (full, ones; zeros, a memset), exp, clip, and
+              ascontiguousarray where it copies;
+    uploads   host-to-device copies: cupy.asarray of a host array;
+    syncs     waits of the host for the GPU: cupy.asnumpy of a device array, and synchronize() of
+              the expert tier's device `dev` (device_slots.py's event waits).
+
+    Not counted: CuPy's array operators (x + y, +=, *, /, slice assignment: the residual adds, the
+    KV cache writes, the shared expert's gate), methods of cupy.ndarray that cannot be wrapped; and
+    other threads (the slot tier's readers wait there for their own copies, not the decode). Where
+    cupy has no array type of its own (tests/host_cupy.py's stand-in: NumPy arrays) every asarray
+    counts as an upload and every asnumpy as a sync; tests/test_gpu_check.py gives it one."""
+    from lowmoe.backend import cuda
+
+    cp = cuda.cupy()
+    device_array = getattr(cp, "ndarray", None)
+    if device_array is np.ndarray:  # a stand-in: its host and device arrays are alike
+        device_array = None
+    me = threading.get_ident()
+    n = dict.fromkeys(COUNTED, 0)
+    saved = []
+
+    def wrap(obj, name, key, counts=lambda args, result: True):
+        f = getattr(obj, name, None)
+        if f is None:
+            return
+        saved.append((obj, name, vars(obj).get(name)))
+
+        def counted(*args, **kwargs):
+            result = f(*args, **kwargs)
+            if threading.get_ident() == me and counts(args, result):
+                n[key] += 1
+            return result
+
+        setattr(obj, name, counted)
+
+    def on_host(a):
+        return device_array is None or not isinstance(a, device_array)
+
+    def on_device(a):
+        return device_array is None or isinstance(a, device_array)
+
+    wrap(cuda, "_launch", "launches")
+    for name in ("full", "ones", "zeros", "exp", "clip"):
+        wrap(cp, name, "cupy")
+    wrap(cp, "ascontiguousarray", "cupy", lambda args, r: r is not args[0])
+    wrap(cp, "asarray", "uploads", lambda args, r: on_host(args[0]))
+    wrap(cp, "asnumpy", "syncs", lambda args, r: on_device(args[0]))  # of a host array: no copy, no wait
+    if dev is not None:
+        wrap(dev, "synchronize", "syncs")
+    try:
+        yield n
+    finally:
+        for obj, name, old in reversed(saved):
+            if old is None:
+                delattr(obj, name)  # it was the class's
+            else:
+                setattr(obj, name, old)
+
+
+def decode_counts(engine, ids=PROMPT, steps=4):
+    """[{name: count}] of each of `steps` greedy decode steps (counting) after a prefill of `ids`."""
+    ctx = engine.prefill(ids, steps)
+    kv, token = ctx.kv, int(np.argmax(ctx.logits))
+    dev = getattr(getattr(engine.model.experts, "tier", None), "dev", None)
+    per_step = []
+    for _ in range(steps):
+        with counting(dev) as n:
+            logits = engine.model.forward(np.array([token], np.int64), kv)
+        per_step.append(n)
+        token = int(np.argmax(logits[-1]))
+    return per_step
+
+
+def make_layout_model(path, layers=48, experts=128, top_k=8, seed=0):
+    """A random qwen3_moe checkpoint in `path` with Qwen3-30B-A3B's layout (48 layers, every one
+    MoE, 128 experts, top 8, per-head q/k norm, separate lm_head) and small widths, f16: what a decode
+    step launches and waits for depends on the layout only (attention is 2 launches at any
+    context, a linear 1 at any size). -> path"""
+    from safetensors.numpy import save_file
+
+    D, H, KV, hd, I, V = 64, 4, 2, 16, 32, 512
+    g = np.random.default_rng(seed)
+    os.makedirs(path, exist_ok=True)
+    config = dict(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", vocab_size=V, hidden_size=D,
+                  num_hidden_layers=layers, num_attention_heads=H, num_key_value_heads=KV, head_dim=hd,
+                  intermediate_size=4 * I, moe_intermediate_size=I, num_experts=experts, num_experts_per_tok=top_k,
+                  norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], rms_norm_eps=1e-6,
+                  rope_theta=1e6, tie_word_embeddings=False, eos_token_id=2, torch_dtype="float16")
+    with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=1)
+
+    def w(*shape):
+        return (g.standard_normal(shape) / np.sqrt(shape[-1])).astype(np.float16)
+
+    t = {"model.embed_tokens.weight": w(V, D), "model.norm.weight": 1 + w(D), "lm_head.weight": w(V, D)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        t.update({p + "input_layernorm.weight": 1 + w(D), p + "post_attention_layernorm.weight": 1 + w(D),
+                  p + "self_attn.q_proj.weight": w(H * hd, D), p + "self_attn.k_proj.weight": w(KV * hd, D),
+                  p + "self_attn.v_proj.weight": w(KV * hd, D), p + "self_attn.o_proj.weight": w(D, H * hd),
+                  p + "self_attn.q_norm.weight": 1 + w(hd), p + "self_attn.k_norm.weight": 1 + w(hd),
+                  p + "mlp.gate.weight": w(experts, D)})
+        for e in range(experts):
+            q = f"{p}mlp.experts.{e}."
+            t.update({q + "gate_proj.weight": w(I, D), q + "up_proj.weight": w(I, D), q + "down_proj.weight": w(D, I)})
+    save_file(t, os.path.join(path, "model.safetensors"))
+    return path
+
+
+def count_decode(rep, models, steps=4):
+    """Kernel launches and host syncs per decoded token for each placement (PLACEMENTS) of each
+    (label, path) in `models`: a row each, failing unless every step counts the same and the host
+    waits 1 + (the placement's syncs per MoE layer) x (MoE layers) times."""
+    from lowmoe import Engine
+
+    for model, path in models:
+        for label, (options, per_layer) in PLACEMENTS.items():
+            check = f"per token {label} {model}"
+            try:
+                with Engine.from_pretrained(path, device="cuda", **options) as e:
+                    per_step = decode_counts(e, steps=steps)
+                    moe = len(e.config.moe_layers)
+                n, want = per_step[-1], 1 + per_layer * moe
+                same = all(s == n for s in per_step)
+                rep.line(f"{check}: {n['launches']} lowmoe kernels + {n['cupy']} CuPy kernels named (not counted: "
+                         f"CuPy array operators), {n['uploads']} uploads, {n['syncs']} host syncs (want 1 + "
+                         f"{per_layer} x {moe} MoE layers = {want}); steps {'agree' if same else per_step}")
+                ok = same and n["syncs"] == want
+                rep.row(check, steps, f"{n['launches'] + n['cupy']} launches, {n['syncs']} syncs", ok)
+            except Exception:
+                rep.line(f"{check}: ERROR\n{traceback.format_exc()}")
+                rep.row(check, steps, "error", False)
+
+
 # ------------------------------------------------------------------------- bandwidth
 
 
@@ -356,7 +527,7 @@ def run_bandwidth(rep, cuda, cp):
     idx = [cp.arange(j * k, (j + 1) * k, dtype=np.int32).reshape(1, k) for j in range(E // k)]
     w = cp.full((1, k), 0.125, np.float32)
     out = cp.empty((1, D), np.float32)
-    moe_s = _time(cp, lambda i=0: cuda.expert_ffn(x, gate, up, down, "bf16", idx[i % len(idx)], w, out), 64)
+    moe_s = _time(cp, lambda i=0: expert_sum(cuda, x, gate, up, down, "bf16", idx[i % len(idx)], w, out), 64)
     moe_bw = 3 * k * I * D * 2 / moe_s
     del gate, up, down
 
@@ -364,7 +535,7 @@ def run_bandwidth(rep, cuda, cp):
     R = 151936
     wl = _bf16_ones(cp, (R, D))
     bias, y = cp.zeros(R, np.float32), cp.empty((1, R), np.float32)
-    lin_s = _time(cp, lambda i=0: cuda.linear(x, wl, "bf16", bias, y), 20)
+    lin_s = _time(cp, lambda i=0: cuda.linear(x, wl, "bf16", y, bias), 20)
     lin_bw = R * D * 2 / lin_s
     for label, s, bw in (("expert SwiGLU GEMV (Qwen3-30B-A3B layer, bf16)", moe_s, moe_bw),
                          ("linear GEMV (151936 x 2048, bf16)", lin_s, lin_bw)):
@@ -378,6 +549,7 @@ def main(argv=None):
     p.add_argument("--models", default=None, help="folder of tools/make_test_models.py checkpoints (one per subfolder)")
     p.add_argument("--tokens", type=int, default=24, help="greedy tokens compared per model")
     p.add_argument("--skip-bench", action="store_true", help="leave out the GPU expert cache benchmark")
+    p.add_argument("--probe", action="store_true", help="only see whether a GPU is usable (exit 0 or 2)")
     args = p.parse_args(argv)
     os.makedirs(args.outdir, exist_ok=True)
 
@@ -388,8 +560,10 @@ def main(argv=None):
     try:
         cp = cuda.cupy()
     except DeviceError as e:
-        rep.line(f"gpu_check: {e}")
+        rep.line(f"gpu_check: no usable GPU: {e}")
         return 2
+    if args.probe:
+        return 0
     cuda.POISON = True
     props = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)
     rep.line(f"GPU: {props['name'].decode()}, {props['totalGlobalMem'] / 2**30:.0f} GiB, CuPy {cp.__version__}, "
@@ -405,7 +579,14 @@ def main(argv=None):
         rep.row("tokens transformers-made models", 0, "no --models given", False)
     compare_models(rep, models, args.tokens)
     compare_gpu_cache(rep, args.tokens)
-    cuda.POISON = False  # timing without the NaN fills
+    cuda.POISON = False  # counting and timing without the NaN fills
+    counted = [("default", DEFAULT_MODEL)]
+    try:
+        counted.append(("Qwen3-30B-A3B layout", make_layout_model(os.path.join(args.outdir, "layout_model"))))
+    except Exception:
+        rep.line(f"Qwen3-30B-A3B layout model: ERROR\n{traceback.format_exc()}")
+        rep.row("per token Qwen3-30B-A3B layout", 0, "error", False)
+    count_decode(rep, counted)
     try:
         run_bandwidth(rep, cuda, cp)
     except Exception:

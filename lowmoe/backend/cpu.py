@@ -1,6 +1,8 @@
-"""Numba CPU kernels for decode and prefill.
+"""The CPU backend: NumPy arrays and Numba kernels for decode and prefill.
 
-All activations are float32 C-contiguous arrays; every kernel accumulates in
+The operations the decoder loop (model.py) calls, with the same signatures as backend/cuda.py:
+buffer, to_device, to_host, embed, linear, rms_norm, rope, attention, router_topk, expert_ffn, and
+`xp`, the array module holding the arrays. All activations are float32 C-contiguous arrays; every kernel accumulates in
 float32. Weights may be float32, or float16 / bfloat16 data viewed as uint16
 (Numba's CPU target has no half type) and are converted element by element in
 the inner loops, so no f32 copy of a weight matrix is ever made.
@@ -20,6 +22,22 @@ from numba.extending import intrinsic
 # inf and nan in weights or activations must propagate as in PyTorch.
 _FAST = {"reassoc", "contract"}
 _JIT = dict(nogil=True, cache=True)
+
+xp = np
+
+
+def buffer(shape, dtype=np.float32):
+    """Scratch space for a result."""
+    return np.empty(shape, dtype)
+
+
+def to_device(a):
+    """Host arrays are this backend's own: no copy."""
+    return a
+
+
+def to_host(a):
+    return a
 
 
 @intrinsic
@@ -81,11 +99,16 @@ def to_f32(w, dtype):
     return out.reshape(w.shape)
 
 
+def embed(tokens, table, dtype, out):
+    """out f32[T, D] = float32(table[tokens]): tokens int64[T]; table [V, D]."""
+    out[:] = to_f32(table[tokens], dtype)
+
+
 @numba.njit(fastmath=_FAST, **_JIT)
-def rms_norm(x, w, eps):
-    """x f32[T, N], w f32[N] -> new f32[T, N]: w * (x / sqrt(mean(x^2) + eps))."""
+def rms_norm(x, w, eps, out=None):
+    """x f32[T, N], w f32[N] -> out f32[T, N] (new when not given): w * (x / sqrt(mean(x^2) + eps))."""
     T, N = x.shape
-    y = np.empty_like(x)
+    y = np.empty_like(x) if out is None else out
     for t in range(T):
         ss = np.float32(0.0)
         for i in range(N):
@@ -98,18 +121,20 @@ def rms_norm(x, w, eps):
 
 
 @numba.njit(**_JIT)
-def rope(x, cos, sin):
-    """In place NeoX / HF rotate_half rotary embedding.
-    x f32[T, H, hd]; cos, sin f32[T, hd // 2] (angle i pairs x[i], x[i + hd/2])."""
+def rope(x, cos, sin, start=0):
+    """In place NeoX / HF rotate_half rotary embedding of x f32[T, H, hd] at positions
+    start..start+T-1; cos, sin f32[P, hd // 2] tables from position 0 (model.rope_tables; angle i
+    pairs x[i], x[i + hd/2])."""
     T, H, hd = x.shape
     half = hd // 2
     for t in range(T):
+        p = start + t
         for h in range(H):
             for i in range(half):
                 x1 = x[t, h, i]
                 x2 = x[t, h, i + half]
-                x[t, h, i] = x1 * cos[t, i] - x2 * sin[t, i]
-                x[t, h, i + half] = x2 * cos[t, i] + x1 * sin[t, i]
+                x[t, h, i] = x1 * cos[p, i] - x2 * sin[p, i]
+                x[t, h, i + half] = x2 * cos[p, i] + x1 * sin[p, i]
 
 
 @numba.njit(fastmath=_FAST, **_JIT)
@@ -228,12 +253,14 @@ def _linear(x, w, out):
             out[t, r] = acc
 
 
-def linear(x, w, dtype, out):
-    """out = x @ w.T: x f32[T, D]; w [R, D] (nn.Linear layout) float32, or uint16 views of
-    float16 / bfloat16 data; out f32[T, R] overwritten. Used for every dense projection so that
+def linear(x, w, dtype, out, bias=None):
+    """out = x @ w.T (+ bias, added after the product): x f32[T, D]; w [R, D] (nn.Linear layout)
+    float32, or uint16 views of float16 / bfloat16 data; bias f32[R]; out f32[T, R] overwritten. Used for every dense projection so that
     decode runs on one thread pool (NumPy's BLAS pool and Numba's spinning OpenMP pool, used in
     turn, starve each other: measured 5 vs 129 tok/s on a 0.8 GB model)."""
     _linear(x, _kernel_view(w, dtype), out)
+    if bias is not None:
+        out += bias
 
 
 def expert_ffn(x, gate, up, down, dtype, out):

@@ -1,4 +1,7 @@
-"""CuPy GPU kernels: the CPU backend's operations on device arrays, from the CUDA sources in native/.
+"""The GPU backend: CuPy arrays and the kernels of the CUDA sources in native/, with the operations of
+backend/cpu.py and their signatures (buffer, to_device, to_host, embed, linear, rms_norm, rope,
+attention, router_topk, expert_ffn, and `xp`, here CuPy), plus the stacked-expert kernels the GPU
+expert tier launches (expert_rows, expert_combine).
 
 Each native/<file>.cu is compiled once, on first use, by `cupy.RawModule` (NVRTC) and cached here
 (CuPy also keeps the binary on disk). The source is prefixed with `#line 1 "native/<file>.cu"` so
@@ -46,6 +49,13 @@ _cupy = None
 _modules = {}  # file name -> compiled RawModule
 _functions = {}  # (file name, entry point) -> its kernel
 _sms = None
+
+
+def __getattr__(name):
+    # `xp`, the array module (PEP 562): CuPy, imported and checked on first use like every kernel.
+    if name == "xp":
+        return cupy()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def cupy():
@@ -114,6 +124,16 @@ def buffer(shape, dtype=np.float32):
     return cp.full(shape, np.nan if np.dtype(dtype).kind == "f" else -1, dtype)
 
 
+def to_device(a):
+    """A device copy of the host array `a`."""
+    return cupy().asarray(a)
+
+
+def to_host(a):
+    """A host copy of the device array `a`: the host waits for the GPU."""
+    return cupy().asnumpy(a)
+
+
 def _weights(w, dtype):
     if w.dtype != _WDTYPE[dtype]:
         raise TypeError(f"{dtype} weights must be {_WDTYPE[dtype]}, got {w.dtype}")
@@ -128,26 +148,32 @@ def _sm_count():
 
 
 def embed(tokens, table, dtype, out):
-    """out f32[T, D] = float32(table[tokens]): tokens int64[T] on the device; table [V, D]."""
+    """out f32[T, D] = float32(table[tokens]): tokens int64[T] (host or device); table [V, D]."""
     T, D = out.shape
+    tokens = cupy().asarray(tokens, dtype=np.int64)
     _launch("embed.cu", f"embed_{dtype}", (math.ceil(D / 256), T), 256, (tokens, _weights(table, dtype), out, np.int32(D)))
 
 
-def linear(x, w, dtype, bias, out):
-    """out f32[T, R] = x @ w.T + bias: x f32[T, D]; w [R, D]; bias f32[R]."""
+def linear(x, w, dtype, out, bias=None):
+    """out f32[T, R] = x @ w.T + bias: x f32[T, D]; w [R, D]; bias f32[R], zeros when None (the
+    kernel always adds one; load/weights.to_device gives every matrix one)."""
     T, D = x.shape
     R = w.shape[0]
+    if bias is None:
+        bias = cupy().zeros(R, np.float32)
     _launch("linear.cu", f"linear_{dtype}", (math.ceil(R / 8),), 256,
             (x, _weights(w, dtype), bias, out, np.int32(T), np.int32(D), np.int32(R)))
 
 
-def rms_norm(x, w, eps, out):
-    """out f32[rows, N] = w * (x / sqrt(mean(x^2) + eps)) per row; out may be x."""
+def rms_norm(x, w, eps, out=None):
+    """-> out f32[rows, N] (new when not given) = w * (x / sqrt(mean(x^2) + eps)) per row; out may be x."""
     rows, N = x.shape
+    out = buffer(x.shape) if out is None else out
     _launch("norm.cu", "rms_norm_f32", (rows,), 256, (x, w, out, np.int32(N), np.float32(eps)))
+    return out
 
 
-def rope(x, cos, sin, start):
+def rope(x, cos, sin, start=0):
     """In place rotate-half RoPE of x f32[T, H, hd] at positions start..start+T-1; cos, sin
     f32[P, hd/2] tables from position 0 (model.rope_tables)."""
     T, H, hd = x.shape
@@ -175,12 +201,14 @@ def attention(q, k_cache, v_cache, start, out):
     _launch("attention.cu", "attn_combine_f32", (T * H,), 128, (part_o, part_ml, out, np.int32(S), np.int32(hd)))
 
 
-def router_topk(logits, k, renorm, idx, w):
-    """logits f32[T, E] -> idx int32[T, k], w f32[T, k] as cpu.router_topk: softmax, the k most
-    probable in descending order (ties: lower id first), optionally renormalised."""
+def router_topk(logits, k, renorm):
+    """logits f32[T, E] -> (idx int32[T, k], w f32[T, k]) on the device, as cpu.router_topk: softmax,
+    the k most probable in descending order (ties: lower id first), optionally renormalised."""
     T, E = logits.shape
+    idx, w = buffer((T, k), np.int32), buffer((T, k))
     _launch("router.cu", "router_topk_f32", (T,), 32, (logits, np.int32(E), np.int32(k), np.int32(bool(renorm)), idx, w),
             shared_mem=4 * E)
+    return idx, w
 
 
 def expert_rows(x, gate, up, down, dtype, idx, y):
@@ -215,9 +243,11 @@ def expert_combine(y, w, out):
     _launch("expert_gemm.cu", "moe_combine_f32", (math.ceil(D / 256), T), 256, (y, w, out, np.int32(k), np.int32(D)))
 
 
-def expert_ffn(x, gate, up, down, dtype, idx, w, out):
-    """out[t] = sum_j w[t, j] * down_e @ (silu(gate_e @ x[t]) * (up_e @ x[t])), e = idx[t, j]:
-    expert_rows, then expert_combine; the arguments as theirs, out f32[T, D]."""
-    y = buffer((idx.size, x.shape[1]))
-    expert_rows(x, gate, up, down, dtype, idx, y)
-    expert_combine(y, w, out)
+def expert_ffn(x, gate, up, down, dtype, out):
+    """A dense SwiGLU MLP, as cpu.expert_ffn: out[t] = down @ (silu(gate @ x[t]) * (up @ x[t])).
+    x f32[T, D]; gate, up [I, D]; down [D, I]; out f32[T, D]. Computed by the expert kernels as the
+    only expert (id 0, weight 1) of a layer of one."""
+    T = x.shape[0]
+    y = buffer(x.shape)
+    expert_rows(x, gate[None], up[None], down[None], dtype, cupy().zeros((T, 1), np.int32), y)
+    expert_combine(y, cupy().ones((T, 1), np.float32), out)

@@ -63,7 +63,7 @@ def _host(a):
 
 def load_context(engine, ids, room, cache_dir, progress=None):
     """The Context of `ids` with KV room for `room` tokens: from `cache_dir` when saved there by
-    an earlier bench, else prefilled (512 tokens at a time) and saved. -> (context, loaded)."""
+    an earlier bench, else prefilled (vram.PREFILL_CHUNK tokens at a time) and saved. -> (context, loaded)."""
     cfg = engine.config
     path = None if cache_dir is None else os.path.join(cache_dir, f"context-{_context_key(engine, ids)}.npz")
     if path is not None and os.path.isfile(path):
@@ -76,7 +76,7 @@ def load_context(engine, ids, room, cache_dir, progress=None):
                 return Context(kv, saved["logits"], len(ids)), True
         except (OSError, ValueError, KeyError, zipfile.BadZipFile):
             pass  # unreadable or not what it should be: built again below and overwritten
-    context = engine.prefill(ids, room, chunk=512, progress=progress)
+    context = engine.prefill(ids, room, progress=progress)
     if path is not None:
         arrays = {"logits": context.logits}
         for i in range(cfg.num_layers):

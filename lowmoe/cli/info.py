@@ -49,7 +49,7 @@ def main(args):
     if args.expert_cache is not None:
         info.update(plan_cache(args.expert_cache, cfg, store.layout.block).describe())
     if args.vram_budget is not None:
-        from lowmoe.cuda_model import device_bytes
+        from lowmoe.load.weights import device_bytes
         from lowmoe.errors import InputError
         from lowmoe.tier.vram import plan_vram
         from lowmoe.load.weights import load_dense

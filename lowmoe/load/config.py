@@ -199,7 +199,7 @@ ENV_VARS = {"expert_cache": "SHARPI_EXPERT_CACHE", "storage": "SHARPI_STORAGE", 
 class EngineConfig:
     """Run-time options. CLI flags and SHARPI_* variables map onto these fields."""
 
-    device: str = "cpu"  # DEVICES; "cuda": the model on the GPU (cuda_model.py)
+    device: str = "cpu"  # DEVICES; "cuda": the model on the GPU (model.py on backend/cuda.py)
     expert_cache: str = None  # budget ("1.5GiB", "25%", "min"); None: every expert resident
     vram_budget: str = None  # device "cuda": GPU bytes ("12GiB") to plan; the rest of the dense weights,
     # KV cache and workspace goes to expert slots (vram.py)

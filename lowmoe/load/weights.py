@@ -6,7 +6,7 @@ registers, so a bf16 model streams half the bytes per token and holds half the m
 they live.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 
@@ -135,3 +135,55 @@ def load_dense(ckpt: Checkpoint, cfg):
 def load_expert(ckpt, cfg, layer, expert):
     """One routed expert as stored, shapes and dtypes checked."""
     return ffn(ckpt, cfg.expert_tensor_names(layer, expert), cfg.expert_intermediate, cfg.hidden_size)
+
+
+def to_device(w, put, memo=None):
+    """A copy of the weights record `w` (Weights, Layer, Attention, FFN, Matrix, or one of their
+    arrays) with every array moved by `put` (a backend's to_device). Arrays and records shared by
+    two fields (a tied embedding) move once. Matrices without a bias get zeros, as the GPU's linear
+    kernel always adds one (x + 0 is exact). Pre-gate heads stay behind: only the predictors, on
+    the host, read them."""
+    memo = {} if memo is None else memo
+    if w is None or isinstance(w, str):
+        return w
+    if isinstance(w, list):
+        return [to_device(x, put, memo) for x in w]
+    if id(w) not in memo:
+        if isinstance(w, np.ndarray):
+            memo[id(w)] = put(w)
+        elif isinstance(w, Matrix):
+            bias = w.bias if w.bias is not None else np.zeros(w.w.shape[0], np.float32)
+            memo[id(w)] = Matrix(put(w.w), w.dtype, put(bias))
+        else:
+            memo[id(w)] = replace(w, **{f.name: None if f.name == "pre_gate" else to_device(getattr(w, f.name), put, memo)
+                                        for f in fields(w)})
+    return memo[id(w)]
+
+
+def device_bytes(dense):
+    """Bytes to_device allocates for the dense weights: every Matrix with an f32 bias (zeros when it
+    has none), vectors f32, the shared embedding once, pre-gate heads not at all."""
+    seen = set()
+
+    def size(a):
+        if a is None or id(a) in seen:
+            return 0
+        seen.add(id(a))
+        return a.nbytes
+
+    def matrix(m):
+        if m is None or id(m) in seen:
+            return 0
+        seen.add(id(m))
+        return m.w.nbytes + 4 * m.w.shape[0]
+
+    def ffn(f):
+        return 0 if f is None else f.gate.nbytes + f.up.nbytes + f.down.nbytes
+
+    total = matrix(dense.embed) + size(dense.norm) + matrix(dense.lm_head)
+    for layer in dense.layers:
+        a = layer.attn
+        total += size(layer.input_norm) + size(layer.post_norm) + size(a.q_norm) + size(a.k_norm)
+        total += sum(matrix(m) for m in (a.q, a.k, a.v, a.o, layer.router, layer.shared_gate))
+        total += ffn(layer.mlp) + ffn(layer.shared)
+    return total

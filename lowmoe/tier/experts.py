@@ -14,6 +14,10 @@ for bit.
 Where the slots live is a tier: `HostSlots` here (a host slab, Numba kernels), or
 `device_slots.DeviceSlots` (a device slab per weight role, filled through pinned staging on a copy
 stream). The policy (cache, hints, stats, errors) is the same code for both.
+
+`ops` is the backend holding the layer's activations u and weights w (model.py): experts computed
+on the host take them from it and give the sum back to it (CPU-MoE on device 'cuda' moves u
+f32[T, D] and w f32[T, k] to the host and the sum back; on the CPU nothing moves).
 """
 
 
@@ -77,24 +81,11 @@ class LayerStats:
                 "bytes_read": self.bytes_read, "wasted_bytes": self.wasted_bytes, "stall_s": self.stall_s}
 
 
-class ResidentExperts:
-    """Every routed expert in host memory, read once from the store."""
+class Resident:
+    """The counters interface the engine calls on an expert cache, for experts that are all
+    resident: nothing is read, so there is nothing to count and no events."""
 
-    token = 0  # decode step, set by the engine; nothing is read, so no events
-
-    def __init__(self, store, cfg, kernel=cpu.expert_ffn):
-        self.kernel = kernel
-        self.layout = store.layout
-        keys = [(layer, e) for layer in cfg.moe_layers for e in range(cfg.num_experts)]
-        self.slab = Slab(store.layout, len(keys))
-        self.slot = {k: i for i, k in enumerate(keys)}
-        for k, i in self.slot.items():
-            store.read(*k, self.slab.block(i))
-
-    def forward(self, layer, u, idx, w):
-        rows = _token_rows(idx)
-        ffn = self.slab.ffn
-        return _combine(u, idx, w, {e: (r, _expert_out(self.kernel, ffn(self.slot[(layer, e)]), u, r)) for e, r in rows.items()})
+    token = 0  # decode step, set by the engine
 
     def stats(self):
         return {}
@@ -104,6 +95,27 @@ class ResidentExperts:
 
     def close(self):
         pass
+
+
+class ResidentExperts(Resident):
+    """Every routed expert in host memory, read once from the store."""
+
+    def __init__(self, store, cfg, kernel=cpu.expert_ffn, ops=cpu):
+        self.kernel = kernel
+        self.ops = ops
+        self.layout = store.layout
+        keys = [(layer, e) for layer in cfg.moe_layers for e in range(cfg.num_experts)]
+        self.slab = Slab(store.layout, len(keys))
+        self.slot = {k: i for i, k in enumerate(keys)}
+        for k, i in self.slot.items():
+            store.read(*k, self.slab.block(i))
+
+    def forward(self, layer, u, idx, w):
+        u, w = self.ops.to_host(u), self.ops.to_host(w)
+        rows = _token_rows(idx)
+        ffn = self.slab.ffn
+        outputs = {e: (r, _expert_out(self.kernel, ffn(self.slot[(layer, e)]), u, r)) for e, r in rows.items()}
+        return self.ops.to_device(_combine(u, idx, w, outputs))
 
 
 class _HostLayer:
@@ -124,23 +136,24 @@ class _HostLayer:
         """End of a group of experts (their slots may be reused after this): nothing is pending."""
 
     def result(self):
-        return _combine(self.u, self.idx, self.w, self.outputs)
+        return self.tier.ops.to_device(_combine(self.u, self.idx, self.w, self.outputs))
 
 
 class HostSlots:
     """The CPU's fast tier: `n` slots of one host slab; a read lands straight in its slot."""
 
-    def __init__(self, store, n, kernel=cpu.expert_ffn):
+    def __init__(self, store, n, kernel=cpu.expert_ffn, ops=cpu):
         self.store = store
         self.slab = Slab(store.layout, n)
         self.kernel = kernel
+        self.ops = ops
 
     def fill(self, key, slot):
         """Reader thread: expert `key` into `slot` -> bytes read."""
         return self.store.read(*key, self.slab.block(slot))
 
     def layer(self, u, idx, w, rows):
-        return _HostLayer(self, u, idx, w, rows)
+        return _HostLayer(self, self.ops.to_host(u), idx, self.ops.to_host(w), rows)
 
     def close(self):
         pass

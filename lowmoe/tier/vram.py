@@ -3,9 +3,9 @@ holds when the model does not fit, and how many expert slots are left for the ca
 
     budget = dense weights + KV cache for the context + workspace + (cache + staging slots) * slot
 
-- dense weights: everything but the routed experts, as cuda_model.py uploads them
-  (cuda_model.device_bytes);
-- KV cache: DeviceKVCache at a capacity of `context` tokens: k and v f32[KV, context, hd] per
+- dense weights: everything but the routed experts, as load/weights.to_device moves them
+  (weights.device_bytes);
+- KV cache: model.KVCache on the GPU at a capacity of `context` tokens: k and v f32[KV, context, hd] per
   layer, and the RoPE tables cos, sin f32[context, hd/2];
 - workspace: the activations of the largest forward pass, a prefill chunk of PREFILL_CHUNK tokens
   (x and its norms, q/k/v, attention output and partials, router logits, expert scratch h [T*k, I]
@@ -13,6 +13,10 @@ holds when the model does not fit, and how many expert slots are left for the ca
   the small per-launch buffers;
 - one slot: gate, up [I, D] and down [D, I] in the stored dtype (no padding on the device);
   staging slots (top-k per layer of lookahead) hold hinted experts until the gating decides.
+
+The engine runs every forward pass of a prompt in PREFILL_CHUNK tokens and refuses a sequence longer
+than `context` (Engine._check_context), so the plan holds. Engine.logits, which returns the logits
+of every position, also holds PREFILL_CHUNK x vocab f32 logits per chunk: that is outside the plan.
 
 The CUDA context itself (a few hundred MiB, outside cudaMalloc) is not in the budget: leave room
 for it when the budget is the card's whole memory. Pinned host staging is host memory, also not
