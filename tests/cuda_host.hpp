@@ -120,10 +120,14 @@ inline void host_fiber_main() {
     _longjmp(L->scheduler, 1);
 }
 
-// Runs body() as every thread of every block of `grid`, with `shared` bytes of dynamic shared memory.
+// The globals above belong to one launch. At namespace scope, so that the only function-local
+// statics of a built file are the kernels' __shared__ arrays (tests/host_cupy.py counts them).
+inline std::mutex host_one_launch;
+
+// Runs body() as every thread of every block of `grid`, with `shared` bytes of dynamic shared memory
+// (tests/host_cupy.py refuses a launch over the GPU's limits before it gets here).
 inline void launch(dim3 grid, dim3 block, std::function<void()> body, size_t shared = 0) {
-    static std::mutex one_at_a_time;  // the globals above belong to one launch
-    std::lock_guard<std::mutex> lock(one_at_a_time);
+    std::lock_guard<std::mutex> lock(host_one_launch);
     HostLaunch L;
     L.body = std::move(body);
     L.grid = grid;

@@ -227,12 +227,13 @@ def expert_rows(x, gate, up, down, dtype, idx, y):
         return
     n = T * k
     offsets, order = buffer(E + 1, np.int32), buffer(n, np.int32)
-    _launch("expert_gemm.cu", "moe_sort_i32", (1,), 1024, (idx, np.int32(n), np.int32(E), offsets, order), shared_mem=8 * E)
+    _launch("expert_gemm.cu", "moe_sort_i32", (1,), 1024, (idx, np.int32(n), np.int32(E), offsets, order))
     h = buffer((n, I))
-    _launch("expert_gemm.cu", f"moe_group_gate_up_{dtype}", (math.ceil(I / 8), E), 256,
-            (x, order, offsets, gate, up, h, np.int32(k), np.int32(D), np.int32(I)))
-    _launch("expert_gemm.cu", f"moe_group_down_{dtype}", (math.ceil(D / 8), E), 256,
-            (h, order, offsets, down, y, np.int32(D), np.int32(I)))
+    groups = min(E, 65535)  # grid.y's limit (E may be a GPU cache's slots): block y does groups y, y + 65535, ...
+    _launch("expert_gemm.cu", f"moe_group_gate_up_{dtype}", (math.ceil(I / 8), groups), 256,
+            (x, order, offsets, gate, up, h, np.int32(k), np.int32(D), np.int32(I), np.int32(E)))
+    _launch("expert_gemm.cu", f"moe_group_down_{dtype}", (math.ceil(D / 8), groups), 256,
+            (h, order, offsets, down, y, np.int32(D), np.int32(I), np.int32(E)))
 
 
 def expert_combine(y, w, out):
