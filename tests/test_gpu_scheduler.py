@@ -1,8 +1,10 @@
-"""The GPU expert slots (device_slots.py) on a fake device (tests/fake_device.py): copies land after
-random delays on a copy-stream thread, compute checks every group's waits. Outputs must be
-bit-identical to the CPU path computing experts in the GPU's arithmetic (exact.expert_rows, as
-CPU-MoE on device 'cuda' does) at every budget, predictor and miss policy; hints never evict;
-memory is the planned slots; the compute stream waits on exactly the events of the slots it reads."""
+"""The GPU expert slots (device_slots.py) on a fake device (tests/fake_device.py): copies and
+kernels run after random delays on their streams' threads, and every group's waits are checked.
+Outputs must be bit-identical to the CPU path computing experts in the GPU's arithmetic
+(exact.expert_rows, as CPU-MoE on device 'cuda' does) at every budget, predictor and miss policy;
+hints never evict; memory is the planned slots; the compute stream waits on exactly the events of
+the slots it reads; a copy waits for the kernels still reading its slot; demand copies never
+queue behind hint copies."""
 
 import threading
 import time
@@ -12,9 +14,11 @@ import pytest
 
 import lowmoe
 from lowmoe.backend import exact
-from lowmoe.tier.device_slots import DeviceSlots, device_experts, ring_entries
+from lowmoe.tier.device_slots import ROLES, DeviceSlots, device_experts, ring_entries
 from lowmoe.errors import StorageError
 from lowmoe.tier.experts import OffloadedExperts
+from lowmoe.tier.prefetch import DEMAND, HINT, ReadScheduler
+from lowmoe.tier.slots import aligned_empty
 
 from fake_device import FakeDevice
 
@@ -164,6 +168,85 @@ def test_the_fake_device_catches_a_compute_that_does_not_wait():
     with on_fake_gpu(lowmoe.Engine.from_pretrained(expert_cache="min", predictor="none"), dev) as e:
         with pytest.raises(AssertionError, match="without waiting"):
             run(e)
+
+
+def test_the_fake_device_catches_a_copy_that_does_not_wait_for_the_slots_last_reader():
+    """With slow kernels, instant copies and the fewest slots (a prefill's groups of experts take
+    turns in them), a copy that skips its wait for the last kernel reading its slot overwrites the
+    slot before that queued kernel has read it."""
+    dev = FakeDevice(delay_s=0, compute_delay_s=0.02)
+    real_wait = dev.wait
+
+    def wait(stream, event):  # every wait but a copy stream's on a compute event (read_by)
+        if stream is dev.compute or event.stream is not dev.compute:
+            real_wait(stream, event)
+
+    dev.wait = wait
+    with on_fake_gpu(lowmoe.Engine.from_pretrained(expert_cache="min", predictor="none"), dev) as e:
+        with pytest.raises(AssertionError, match="overwrote"):
+            run(e)
+
+
+class HeldStore:
+    """`store` whose read of expert `key` starts (sets `started`), then waits for `go`."""
+
+    def __init__(self, store, key):
+        self.store, self.layout, self.key = store, store.layout, key
+        self.started, self.go = threading.Event(), threading.Event()
+
+    def read(self, layer, expert, dest):
+        if (layer, expert) == self.key:
+            self.started.set()
+            assert self.go.wait(5)
+        return self.store.read(layer, expert, dest)
+
+
+@pytest.mark.parametrize("promoted", [False, True], ids=["demand", "promoted-hint"])
+def test_a_demand_copy_does_not_queue_behind_hint_copies(promoted):
+    """Four hints' copies (up to 0.1 s each, 12 of them) are queued; a demand read (or a hint
+    promoted while it is being read, as the gating does) lands after them, and its copy completes
+    while the hints' last one is still pending."""
+    dev = FakeDevice(delay_s=0, seed=4)
+    with lowmoe.Engine.from_pretrained(expert_cache="min", predictor="none") as e:
+        store = HeldStore(e.model.experts.tier.store, (1, 0))
+        tier = DeviceSlots(dev, store, 8, ring=8)
+        tier.hint_stream.delay_s = 0.1
+        reader = ReadScheduler(tier.fill, threads=1)
+        for req in [reader.submit((0, x), x, HINT) for x in range(4)]:
+            reader.wait(req)
+        if promoted:
+            req = reader.submit((1, 0), 4, HINT)
+            assert store.started.wait(5)
+            reader.promote(req)
+        else:
+            req = reader.submit((1, 0), 4, DEMAND)
+        store.go.set()
+        reader.wait(req)
+        dev.synchronize(tier.filled[4])
+        assert not dev.done(tier.filled[3]), "the demand copy completed only after the hint copies"
+        reader.close()
+        tier.close()
+
+
+def test_a_copy_waits_for_the_slots_previous_copy_on_the_other_stream():
+    """A hint no one chose frees its slot once read, its copies still queued on the slow hint
+    stream; a demand read of another expert into that slot copies on the fast demand stream, yet
+    the slot ends up holding the demanded expert."""
+    dev = FakeDevice(delay_s=0, seed=5)
+    with lowmoe.Engine.from_pretrained(expert_cache="min", predictor="none") as e:
+        store = e.model.experts.tier.store
+        tier = DeviceSlots(dev, store, 1, ring=2)
+        tier.hint_stream.delay_s = 0.1
+        reader = ReadScheduler(tier.fill, threads=1)
+        reader.wait(reader.submit((0, 1), 0, HINT))
+        reader.wait(reader.submit((0, 2), 0, DEMAND))
+        reader.close()
+        tier.close()
+        want = aligned_empty(store.layout.block)
+        store.read(0, 2, want)
+    p = store.layout.part
+    for i, role in enumerate(ROLES):
+        assert getattr(tier.slab, role)[0].tobytes() == want[i * p : (i + 1) * p].tobytes(), role
 
 
 def test_a_failing_read_is_a_clear_error_and_frees_its_ring_entry():

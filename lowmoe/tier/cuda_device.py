@@ -2,9 +2,10 @@
 memory, streams, events, host-to-device copies, and the expert sum over slots. The tests drive the
 same slot code through a fake with these methods (tests/fake_device.py).
 
-Compute runs on the stream CudaModel's kernels use (the thread's current stream, the legacy
-default stream unless changed); copies on a non-blocking stream of their own, so that they never
-serialise with compute except where an event says so.
+Compute runs on the stream the decoder's kernels use (the thread's current stream, the legacy
+default stream unless changed); copies on non-blocking streams of their own (device_slots.py has
+one for demand reads and one for hints), so that they never serialise with compute except where
+an event says so.
 """
 
 import time

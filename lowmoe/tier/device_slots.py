@@ -6,10 +6,14 @@ policy (cache.py) decides which key a slot holds, and an eviction only hands its
 
 A transfer (one per read the scheduler hands a reader thread): the slow tier reads the expert's
 block into a free entry of a small pinned host ring, the three parts are copied to the slot on a
-dedicated copy stream, and one event is recorded after them. The ring entry is reused only once
-that event has completed (the copy has read it). The copy stream first waits for the event
-recorded after the last compute that read the slot, so a new expert never overwrites one that a
-queued kernel still has to read.
+copy stream, and one event is recorded after them. There are two copy streams: one for demand
+reads (decode is waiting for them), one for hints, so a demand copy never queues behind hint
+copies (nor behind a hint's wait for a kernel still reading its slot). The stream is chosen once
+the read has landed: a hint the gating chose meanwhile (promoted) is a demand by then. The ring
+entry is reused only once that event has completed (the copy has read it). The copy stream first
+waits for the event recorded after the last compute that read the slot, so a new expert never
+overwrites one that a queued kernel still has to read, and for the slot's previous copy, which
+may be on the other stream, so an older expert's copy never lands over the new one.
 
 Compute: a layer's experts are computed by the device in groups (all of a layer's experts at once
 unless a prefill routes to more experts than there are slots), each expert's output into its own
@@ -33,6 +37,7 @@ import threading
 
 from ..backend import exact
 from .experts import OffloadedExperts, _expert_out
+from .prefetch import HINT, reading
 from .slots import ALIGN, _NP, block_ffn
 
 ROLES = ("gate", "up", "down")
@@ -153,13 +158,15 @@ class DeviceSlots:
         self.store = store
         self.slab = DeviceSlab(dev, store.layout, n)
         self.ring = StagingRing(dev, store.layout, ring)
-        self.copy_stream = dev.stream()
+        self.demand_stream = dev.stream()
+        self.hint_stream = dev.stream()
         self.lock = threading.Lock()  # filled / read_by are written by reader threads and decode
         self.filled = [None] * n  # slot -> event after the copies that last filled it
         self.read_by = [None] * n  # slot -> event after the last compute that read it
 
     def fill(self, key, slot):
-        """Reader thread: expert `key` into `slot` through the ring -> bytes read from the slow tier."""
+        """Reader thread: expert `key` into `slot` through the ring -> bytes read. The copies go on
+        the hint stream if the scheduler's request is still a hint once the read has landed."""
         dev, L = self.dev, self.slab.layout
         entry = self.ring.take()
         try:
@@ -167,15 +174,18 @@ class DeviceSlots:
         except BaseException:
             self.ring.give(entry, None)  # nothing was copied from it
             raise
+        req = reading()
+        stream = self.hint_stream if req is not None and req.priority == HINT else self.demand_stream
         p, dt = L.part, _NP[L.dtype]
         with self.lock:
-            last_read = self.read_by[slot]
-        if last_read is not None:
-            dev.wait(self.copy_stream, last_read)
+            after = self.read_by[slot], self.filled[slot]  # the slot's last reader and last copy
+        for event in after:
+            if event is not None:
+                dev.wait(stream, event)
         for i, role in enumerate(ROLES):
             dst = getattr(self.slab, role)[slot]
-            dev.copy(dst, entry[i * p : (i + 1) * p].view(dt).reshape(dst.shape), self.copy_stream)
-        event = dev.record(self.copy_stream)
+            dev.copy(dst, entry[i * p : (i + 1) * p].view(dt).reshape(dst.shape), stream)
+        event = dev.record(stream)
         with self.lock:
             self.filled[slot] = event
         self.ring.give(entry, event, slot)
@@ -199,7 +209,8 @@ class DeviceSlots:
         return self.slab.nbytes
 
     def close(self):
-        self.dev.synchronize(self.dev.record(self.copy_stream))  # no copy may outlive the slab
+        for stream in (self.demand_stream, self.hint_stream):  # no copy may outlive the slab
+            self.dev.synchronize(self.dev.record(stream))
 
 
 def ring_entries(readers, top_k):

@@ -3,6 +3,8 @@
 Requests wait in a priority queue (demand reads, which decode is waiting for, before hints);
 a second request for an expert already queued or in flight merges with the first (and can raise
 its priority); a queued hint that turned out unneeded is cancelled before it takes disk time.
+A hint raised to demand while a reader has it keeps its new priority: the fill function looks
+at it once the read has landed (`reading()`; the GPU tier then copies it on its demand stream).
 Each request has a ready signal. A failed read is retried once; then its error surfaces at the
 waiter. Waits have a timeout, so a stuck read is an error, never a hang. The
 readers spend their time in `os.preadv`, which releases the GIL, so reads overlap the Numba
@@ -17,6 +19,13 @@ import time
 from ..errors import LowmoeError, StorageError
 
 DEMAND, HINT = 0, 1
+
+_local = threading.local()  # .request: the Request the calling reader thread is reading
+
+
+def reading():
+    """The Request the calling reader thread is reading (for its fill function), else None."""
+    return getattr(_local, "request", None)
 
 
 class Request:
@@ -57,9 +66,7 @@ class ReadScheduler:
             if req is not None:
                 if req.slot != slot:
                     raise ValueError(f"expert {key} is already being read into slot {req.slot}, not {slot}")
-                if priority < req.priority and not req.taken:
-                    req.priority = priority
-                    heapq.heappush(self.queue, (priority, next(self.seq), req))
+                self._raise(req, priority)
                 return req
             req = Request(key, slot, priority)
             self.pending[key] = req
@@ -69,11 +76,17 @@ class ReadScheduler:
             return req
 
     def promote(self, req):
-        """Raises a queued hint to demand priority (the gating chose it); no-op once it started."""
+        """Raises a hint to demand priority (the gating chose it): a queued one is read before
+        the other hints, one being read is a demand when its read lands (reading())."""
         with self.lock:
-            if not req.taken and req.priority > DEMAND:
-                req.priority = DEMAND
-                heapq.heappush(self.queue, (DEMAND, next(self.seq), req))
+            self._raise(req, DEMAND)
+
+    def _raise(self, req, priority):
+        """Under self.lock: req's priority up to `priority`; a queued req moves up the queue."""
+        if priority < req.priority:
+            req.priority = priority
+            if not req.taken:
+                heapq.heappush(self.queue, (priority, next(self.seq), req))
 
     def cancel(self, req):
         """Drops a queued read that no one needs any more (a hint the gating did not choose), so
@@ -111,6 +124,7 @@ class ReadScheduler:
                 if req.taken:  # a stale entry left by a priority raise
                     continue
                 req.taken = True
+            _local.request = req
             self._read(req)
             with self.lock:
                 del self.pending[req.key]
