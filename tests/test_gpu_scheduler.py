@@ -305,3 +305,23 @@ def test_a_ring_entry_is_held_only_while_it_holds_the_slot():
     for _ in range(3):
         ring.take()
     assert ring.hold(5) is None
+
+
+def test_a_read_takes_a_ring_entry_whose_copy_is_done():
+    """A reader is handed a free ring entry whose last copy has completed before an older one whose
+    copy is still running (a slow hint copy), so it does not wait for that copy."""
+    from fake_device import Event
+
+    from lowmoe.tier.device_slots import StagingRing
+    from lowmoe.tier.slots import ExpertLayout
+
+    dev = FakeDevice()
+    ring, stream = StagingRing(dev, ExpertLayout("f32", 4, 8), 2), dev.stream()
+    a, b = ring.take(), ring.take()
+    slow, done = Event(stream, 0), Event(stream, 0)
+    done.flag.set()
+    ring.give(a, slow, slot=1)  # its copy still running
+    ring.give(b, done, slot=2)
+    threading.Timer(0.5, slow.flag.set).start()  # so that a ring taking `a` waits, rather than hangs
+    assert ring.take() is b
+    assert ring.take() is a

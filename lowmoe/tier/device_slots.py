@@ -74,10 +74,14 @@ class StagingRing:
         self.free = collections.deque((buf[i], None, None) for i in range(n))  # (entry, event of its last copy, slot)
 
     def take(self):
+        """A free entry: the oldest whose last copy has completed, so that a read never waits for
+        a slow copy (a hint's, say) while another entry is ready; else the oldest, once its copy is."""
         with self.cond:
             while not self.free:
                 self.cond.wait()
-            entry, event, _ = self.free.popleft()
+            i = next((i for i, (_, ev, _) in enumerate(self.free) if ev is None or self.dev.done(ev)), 0)
+            entry, event, _ = self.free[i]
+            del self.free[i]
         if event is not None:
             self.dev.synchronize(event)
         return entry
