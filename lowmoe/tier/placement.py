@@ -11,8 +11,8 @@ where), `where` one of
   them; on the GPU the hidden state stays on the device.
 - "host": CPU-MoE on the GPU device: the experts in host memory computed on the CPU with
   exact.expert_rows, the GPU expert kernels' arithmetic, so CPU-MoE and the GPU cache give the same
-  output; each MoE layer moves only its normalised hidden state u f32[T, D] to the host and the
-  sum back.
+  output; each MoE layer moves its chosen ids int32[T, k], its normalised hidden state u f32[T, D]
+  and the weights w f32[T, k] to the host (three waits) and the sum back.
 """
 
 import logging
