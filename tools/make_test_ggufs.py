@@ -1,0 +1,49 @@
+"""Remake the GGUF test files in tests/data/gguf/ with llama.cpp's own converter.
+
+    ../shared/tools/llamacpp.sh DIR          # once: llama.cpp's source (DIR/src) and its converter
+    python tools/make_test_ggufs.py DIR/src [OUTDIR]
+
+The checkpoints are tools/make_test_models.py's (the same seeds, so the same weights), each given
+that script's word-level tokenizer where it has none (the converter needs a vocabulary), then
+converted by `convert_hf_to_gguf.py --outtype bf16` and `--outtype q8_0` into
+OUTDIR/<variant>-<outtype>.gguf (OUTDIR defaults to tests/data/gguf). So far Mixtral only: the
+converter cannot express the Qwen MoE checkpoints' dense layers, and it refuses the word-level
+tokenizer for OLMoE and Qwen2-MoE (without one it takes whatever tokenizer the machine has cached,
+which is no reproducible test file). The tests read the committed files; neither CI nor the tests
+need llama.cpp.
+"""
+
+import os
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VARIANTS = ("mixtral_bf16_sharded",)
+OUTTYPES = ("bf16", "q8_0")
+
+
+def main(argv):
+    src, outdir = argv[0], argv[1] if len(argv) > 1 else os.path.join(ROOT, "tests", "data", "gguf")
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import make_test_models
+    from transformers import AutoConfig
+
+    os.makedirs(outdir, exist_ok=True)
+    env = dict(os.environ, PYTHONPATH=os.path.join(src, "gguf-py"))
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, path in make_test_models.make_models(tmp, list(VARIANTS)).items():
+            if not os.path.isfile(os.path.join(path, "tokenizer.json")):
+                make_test_models._write_tokenizer(path, AutoConfig.from_pretrained(path).vocab_size)
+            for outtype in OUTTYPES:
+                out = os.path.join(outdir, f"{name}-{outtype}.gguf")
+                r = subprocess.run([sys.executable, os.path.join(src, "convert_hf_to_gguf.py"), path, "--outtype", outtype,
+                                    "--outfile", out], env=env, capture_output=True, text=True)
+                if r.returncode:
+                    sys.exit(f"{name} --outtype {outtype}: the converter failed:\n{r.stderr[-3000:]}")
+                print(out, os.path.getsize(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
