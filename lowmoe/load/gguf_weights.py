@@ -1,0 +1,99 @@
+"""The dense weights of a GGUF model (load.gguf.GGUF) as weights.Weights, matrices in their stored
+format: f32; f16 / bf16 bits as uint16 [R, C]; a GGUF block type as its bytes uint8 [R, row bytes],
+exactly the file's. Names are llama.cpp's (`token_embd`, `blk.N.attn_q`, `blk.N.ffn_gate_inp` ...).
+
+llama.cpp's converter permutes the q and k rows of `llama` models (Mixtral) for its rotary
+embedding, which pairs x[2i] with x[2i+1] where lowmoe (and transformers) pair x[i] with
+x[i + hd/2]: those rows are put back in transformers' order here. A row is whole in every format,
+so the same permutation of rows undoes it for block bytes.
+"""
+
+import numpy as np
+
+from ..errors import CheckpointError
+from .weights import FFN, Attention, Layer, Matrix, Weights
+
+
+def _raw(model, name, shape):
+    """The tensor `name`, checked to be `shape` (elements, outermost first): f32 as float32, f16 /
+    bf16 as uint16 bits, a block type as uint8 [..., row bytes] -> (array, format)."""
+    info = model.tensors.get(name)
+    if info is None:
+        raise CheckpointError(f"{model.path}: missing tensor '{name}'")
+    if info.shape != tuple(shape):
+        raise CheckpointError(f"{info.file}: tensor '{name}' has shape {list(info.shape)}, expected {list(shape)}")
+    raw = model.read(name)
+    if info.format == "f32":
+        return raw.view(np.float32).reshape(shape), "f32"
+    if info.format in ("f16", "bf16"):
+        return raw.view(np.uint16).reshape(shape), info.format
+    return raw.reshape(*shape[:-1], -1), info.format
+
+
+def vector(model, name, n):
+    """A norm weight or bias as float32[n] (GGUF keeps them f32; f16 / bf16 are widened)."""
+    a, fmt = _raw(model, name, (n,))
+    if fmt == "f32":
+        return a
+    if fmt == "f16":
+        return a.view(np.float16).astype(np.float32)
+    if fmt == "bf16":
+        return (a.astype(np.uint32) << 16).view(np.float32)
+    raise CheckpointError(f"{model.path}: tensor '{name}' is {fmt}; a vector must be f32, f16 or bf16")
+
+
+def _unpermute(w, heads):
+    """Rows of q or k [heads * hd, ...] from llama.cpp's interleaved rotary order back to halves."""
+    return np.ascontiguousarray(w.reshape(heads, -1, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape))
+
+
+def matrix(model, name, shape, heads=None, bias=False):
+    w, fmt = _raw(model, name, shape)
+    if heads is not None:
+        w = _unpermute(w, heads)
+    b = vector(model, name.replace(".weight", ".bias"), shape[0]) if bias else None
+    return Matrix(w, fmt, b)
+
+
+def load_dense_gguf(model, cfg):
+    """Every non-expert weight of `model` for the ModelConfig `cfg` (gguf_config.gguf_model_config),
+    shapes checked."""
+    D, V, H, KV, hd = cfg.hidden_size, cfg.vocab_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    llama = cfg.model_type == "mixtral"
+    layers = []
+    for i in range(cfg.num_layers):
+        p = f"blk.{i}."
+        attn = Attention(
+            q=matrix(model, p + "attn_q.weight", (H * hd, D), H if llama else None, cfg.qkv_bias),
+            k=matrix(model, p + "attn_k.weight", (KV * hd, D), KV if llama else None, cfg.qkv_bias),
+            v=matrix(model, p + "attn_v.weight", (KV * hd, D), None, cfg.qkv_bias),
+            o=matrix(model, p + "attn_output.weight", (D, H * hd), None, cfg.o_bias),
+        )
+        if cfg.qk_norm != "none":
+            n = (hd, hd) if cfg.qk_norm == "head" else (H * hd, KV * hd)
+            attn.q_norm, attn.k_norm = vector(model, p + "attn_q_norm.weight", n[0]), vector(model, p + "attn_k_norm.weight", n[1])
+        layer = Layer(input_norm=vector(model, p + "attn_norm.weight", D), post_norm=vector(model, p + "ffn_norm.weight", D),
+                      attn=attn)
+        if cfg.sparse_layers[i]:
+            layer.router = matrix(model, p + "ffn_gate_inp.weight", (cfg.num_experts, D))
+            if cfg.shared_expert_intermediate:
+                S = cfg.shared_expert_intermediate
+                layer.shared = _ffn(model, p, "_shexp", S, D)
+                layer.shared_gate = matrix(model, p + "ffn_gate_inp_shexp.weight", (1, D))
+        else:
+            layer.mlp = _ffn(model, p, "", cfg.dense_intermediate, D)
+        layers.append(layer)
+    embed = matrix(model, "token_embd.weight", (V, D))
+    lm_head = embed if cfg.tie_word_embeddings else matrix(model, "output.weight", (V, D))
+    return Weights(embed=embed, norm=vector(model, "output_norm.weight", D), lm_head=lm_head, layers=layers)
+
+
+def _ffn(model, p, suffix, inter, hidden):
+    """A SwiGLU MLP from blk.N.ffn_{gate,up,down}{suffix}.weight; its three formats must agree
+    (lowmoe's FFN has one dtype)."""
+    parts = [matrix(model, f"{p}ffn_{n}{suffix}.weight", s)
+             for n, s in (("gate", (inter, hidden)), ("up", (inter, hidden)), ("down", (hidden, inter)))]
+    if len({m.dtype for m in parts}) != 1:
+        raise CheckpointError(f"{model.path}: {p}ffn_*{suffix} mix formats ({', '.join(m.dtype for m in parts)}), "
+                              "which lowmoe's dense MLPs do not support yet")
+    return FFN(*(m.w for m in parts), parts[0].dtype)
