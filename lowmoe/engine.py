@@ -10,6 +10,9 @@ from .backend import backend, cpu
 from .errors import ConfigError, InputError
 from .load.checkpoint import Checkpoint
 from .load.config import EngineConfig, load_model_config
+from .load.gguf import GGUF
+from .load.gguf_config import gguf_model_config
+from .load.gguf_weights import load_dense_gguf
 from .load.weights import load_dense, to_device
 from .model import KVCache, Model
 from .predict.history import History
@@ -89,7 +92,8 @@ class Engine:
 
     @classmethod
     def from_pretrained(cls, path=DEFAULT_MODEL, device="cpu", **options):
-        """Options (each also a SHARPI_* variable, see SHARPI_ENV.md): expert_cache ("1.5GiB",
+        """path: a Hugging Face model folder, or a GGUF file (`name.gguf`, or the first of its splits;
+        so far with f32/f16/bf16 experts, and a tokenizer.json beside it for text). Options (each also a SHARPI_* variable, see SHARPI_ENV.md): expert_cache ("1.5GiB",
         "25%", "min"; default: every expert resident), storage ("checkpoint", "packed", "ram"),
         predictor ("pregate", "learned", "nextgate", "history", "none"; default: pregate if the
         checkpoint ships pre-gate heads, else learned if the model folder has
@@ -104,9 +108,14 @@ class Engine:
         options = EngineConfig.from_options(device=device, **options)
         ops = backend(options.device)  # DeviceError before loading anything when no GPU is usable
         path = os.fspath(path)
-        cfg = load_model_config(path)
-        ckpt = Checkpoint(path)
-        dense = load_dense(ckpt, cfg)
+        if path.endswith(".gguf"):
+            ckpt = GGUF(path)
+            cfg = gguf_model_config(ckpt)
+            dense = load_dense_gguf(ckpt, cfg)
+        else:
+            cfg = load_model_config(path)
+            ckpt = Checkpoint(path)
+            dense = load_dense(ckpt, cfg)
         store = open_store(options.storage or ("packed" if is_packed(path) else "checkpoint"), path, ckpt, cfg)
         experts, where = place_experts(cfg, dense, store, options)
         predictor = None
@@ -114,7 +123,7 @@ class Engine:
             predictor = make_predictor(options.predictor, cfg, dense, path, options.oracle_trace, options.lookahead)
         weights = dense if ops is cpu else to_device(dense, ops.to_device)  # the CPU computes from the loaded arrays
         model = Model(cfg, weights, experts, ops, predictor, where)
-        return cls(path, cfg, options, model, load_tokenizer(path))
+        return cls(path, cfg, options, model, load_tokenizer(path if os.path.isdir(path) else os.path.dirname(path)))
 
     def close(self):
         """Stops the reader threads and closes the slow tier's files."""

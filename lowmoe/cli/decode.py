@@ -87,7 +87,7 @@ def _split_positional(args):
 
     words = list(args.positional)
     model = None
-    if words and (os.path.isdir(words[0]) or os.sep in words[0] or len(words) == 2):
+    if words and (os.path.isdir(words[0]) or words[0].endswith(".gguf") or os.sep in words[0] or len(words) == 2):
         model = words.pop(0)
     if len(words) > 1:
         raise InputError("too many positional arguments: expected [MODEL] [PROMPT]")

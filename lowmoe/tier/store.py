@@ -10,6 +10,7 @@ GIL is released while the kernel copies.
 - CheckpointStore: three reads straight from the safetensors byte ranges (buffered, no copies).
 - PackedStore: the expert-major file written by `lowmoe pack` (see pack.py), one `preadv` of the
   whole block with O_DIRECT, so the page cache neither hides the slow tier nor fills with it.
+- GGUFStore: three reads from a GGUF model's stacked expert tensors, one expert a slice of each.
 - RamStore: every block held in host memory, read once at open.
 """
 
@@ -21,6 +22,7 @@ import numpy as np
 
 from ..errors import CheckpointError, InputError
 from .slots import ALIGN, ExpertLayout, aligned_empty
+from ..load.gguf import GGUF
 from ..load.weights import KERNEL_DTYPE
 
 FORMAT, VERSION = "lowmoe-packed", 1
@@ -86,6 +88,51 @@ class CheckpointStore:
         p = self.layout.part
         for i, (fd, offset, path) in enumerate(self._ranges[layer, expert]):
             _read_into(fd, dest[i * p : (i + 1) * p], offset, path)
+        return 3 * p
+
+    def close(self):
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds = {}
+
+
+class GGUFStore:
+    """Experts read from a GGUF model's stacked expert tensors (load.gguf.GGUF): blk.N.ffn_gate_exps,
+    ffn_up_exps [E, I, D] and ffn_down_exps [E, D, I], expert e the e-th slice of each, so three
+    reads per expert as from a safetensors checkpoint. The three must share one format (so far)."""
+
+    def __init__(self, model, cfg):
+        I, D, E = cfg.expert_intermediate, cfg.hidden_size, cfg.num_experts
+        self.layers, self.experts = list(cfg.moe_layers), E
+        ranges, formats = {}, set()
+        for layer in self.layers:
+            for role, shape in (("gate", (E, I, D)), ("up", (E, I, D)), ("down", (E, D, I))):
+                name = f"blk.{layer}.ffn_{role}_exps.weight"
+                t = model.tensors.get(name)
+                if t is None:
+                    raise CheckpointError(f"{model.path}: missing tensor '{name}'")
+                if t.shape != shape:
+                    raise CheckpointError(f"{t.file}: tensor '{name}' has shape {list(t.shape)}, expected {list(shape)}")
+                formats.add(t.format)
+                ranges[layer, role] = t
+        if len(formats) != 1 or formats & {"f32", "f16", "bf16"} != formats:
+            raise CheckpointError(f"{model.path}: routed experts in {', '.join(sorted(formats))}: the expert tier "
+                                  "reads one of f32, f16 or bf16 for now")
+        self.layout = ExpertLayout(formats.pop(), I, D)
+        self._fds = {}
+        for t in ranges.values():
+            if t.file not in self._fds:
+                try:
+                    self._fds[t.file] = os.open(t.file, os.O_RDONLY)
+                except OSError as e:
+                    raise CheckpointError(f"{t.file}: cannot open ({e.strerror})") from None
+        self._ranges = ranges
+
+    def read(self, layer, expert, dest):
+        p = self.layout.part
+        for i, role in enumerate(("gate", "up", "down")):
+            t = self._ranges[layer, role]
+            _read_into(self._fds[t.file], dest[i * p : (i + 1) * p], t.offset + expert * p, t.file)
         return 3 * p
 
     def close(self):
@@ -209,12 +256,12 @@ def open_store(kind, model_dir, ckpt, cfg):
     """The store of `kind` ("checkpoint", "packed", "ram") for the model in `model_dir`. "ram" loads
     from experts.bin when the folder is packed, else from the checkpoint."""
     if kind == "checkpoint":
-        return CheckpointStore(ckpt, cfg)
+        return GGUFStore(ckpt, cfg) if isinstance(ckpt, GGUF) else CheckpointStore(ckpt, cfg)
     if kind not in ("packed", "ram"):
         raise InputError(f"unknown expert store {kind!r}; choose checkpoint, packed or ram")
     if not is_packed(model_dir):
         if kind == "ram":
-            return _ram(CheckpointStore(ckpt, cfg))
+            return _ram(open_store("checkpoint", model_dir, ckpt, cfg))
         raise CheckpointError(
             f"{model_dir}: not a packed model (no {INDEX}); write one with `lowmoe pack {model_dir} OUT` and load OUT"
         )
