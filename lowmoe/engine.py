@@ -12,6 +12,7 @@ from .load.checkpoint import Checkpoint
 from .load.config import EngineConfig, load_model_config
 from .load.gguf import GGUF
 from .load.gguf_config import gguf_model_config
+from .load.gguf_tokenizer import gguf_tokenizer
 from .load.gguf_weights import load_dense_gguf
 from .load.weights import load_dense, to_device
 from .model import KVCache, Model
@@ -89,11 +90,13 @@ class Engine:
         self.options = options
         self.model = model
         self.tokenizer = tokenizer
+        self.no_tokenizer = f"{model_dir}: no tokenizer.json"  # why there is none, for encode's error
 
     @classmethod
     def from_pretrained(cls, path=DEFAULT_MODEL, device="cpu", **options):
         """path: a Hugging Face model folder, or a GGUF file (`name.gguf`, or the first of its splits;
-        so far with f32/f16/bf16 experts, and a tokenizer.json beside it for text). Options (each also a SHARPI_* variable, see SHARPI_ENV.md): expert_cache ("1.5GiB",
+        so far with f32/f16/bf16 experts; the tokenizer from its metadata, or a tokenizer.json beside
+        it). Options (each also a SHARPI_* variable, see SHARPI_ENV.md): expert_cache ("1.5GiB",
         "25%", "min"; default: every expert resident), storage ("checkpoint", "packed", "ram"),
         predictor ("pregate", "learned", "nextgate", "history", "none"; default: pregate if the
         checkpoint ships pre-gate heads, else learned if the model folder has
@@ -123,7 +126,14 @@ class Engine:
             predictor = make_predictor(options.predictor, cfg, dense, path, options.oracle_trace, options.lookahead)
         weights = dense if ops is cpu else to_device(dense, ops.to_device)  # the CPU computes from the loaded arrays
         model = Model(cfg, weights, experts, ops, predictor, where)
-        return cls(path, cfg, options, model, load_tokenizer(path if os.path.isdir(path) else os.path.dirname(path)))
+        folder = path if os.path.isdir(path) else os.path.dirname(path)
+        engine = cls(path, cfg, options, model, load_tokenizer(folder))
+        if engine.tokenizer is None and isinstance(ckpt, GGUF):  # a tokenizer.json beside the file wins
+            try:
+                engine.tokenizer = gguf_tokenizer(ckpt.metadata, path)
+            except ConfigError as e:
+                engine.no_tokenizer = str(e)
+        return engine
 
     def close(self):
         """Stops the reader threads and closes the slow tier's files."""
@@ -148,7 +158,7 @@ class Engine:
 
     def encode(self, text):
         if self.tokenizer is None:
-            raise InputError(f"{self.model_dir}: no tokenizer.json; pass token ids instead of text")
+            raise InputError(f"{self.no_tokenizer}; pass token ids instead of text")
         ids = self.tokenizer.encode(text).ids
         if not ids:
             raise InputError("empty prompt")

@@ -6,7 +6,8 @@
 The checkpoints are tools/make_test_models.py's (the same seeds, so the same weights), each given
 that script's word-level tokenizer where it has none (the converter needs a vocabulary), then
 converted by `convert_hf_to_gguf.py --outtype bf16` and `--outtype q8_0` into
-OUTDIR/<variant>-<outtype>.gguf (OUTDIR defaults to tests/data/gguf). So far Mixtral only: the
+OUTDIR/<variant>-<outtype>.gguf (OUTDIR defaults to tests/data/gguf); and the tokenizer metadata the
+converter writes for the bundled model, alone, into OUTDIR/default-tokenizer.gguf. So far Mixtral only: the
 converter cannot express the Qwen MoE checkpoints' dense layers, and it refuses the word-level
 tokenizer for OLMoE and Qwen2-MoE (without one it takes whatever tokenizer the machine has cached,
 which is no reproducible test file). The tests read the committed files; neither CI nor the tests
@@ -37,12 +38,45 @@ def main(argv):
                 make_test_models._write_tokenizer(path, AutoConfig.from_pretrained(path).vocab_size)
             for outtype in OUTTYPES:
                 out = os.path.join(outdir, f"{name}-{outtype}.gguf")
-                r = subprocess.run([sys.executable, os.path.join(src, "convert_hf_to_gguf.py"), path, "--outtype", outtype,
-                                    "--outfile", out], env=env, capture_output=True, text=True)
-                if r.returncode:
-                    sys.exit(f"{name} --outtype {outtype}: the converter failed:\n{r.stderr[-3000:]}")
+                _convert(src, env, path, outtype, out)
                 print(out, os.path.getsize(out))
+        out = os.path.join(outdir, "default-tokenizer.gguf")
+        tokenizer_only(_convert(src, env, os.path.join(ROOT, "lowmoe", "models", "default"), "bf16",
+                                os.path.join(tmp, "default.gguf")), out)
+        print(out, os.path.getsize(out))
     return 0
+
+
+def _convert(src, env, path, outtype, out):
+    r = subprocess.run([sys.executable, os.path.join(src, "convert_hf_to_gguf.py"), path, "--outtype", outtype,
+                        "--outfile", out], env=env, capture_output=True, text=True)
+    if r.returncode:
+        sys.exit(f"{path} --outtype {outtype}: the converter failed:\n{r.stderr[-3000:]}")
+    return out
+
+
+def tokenizer_only(path, out):
+    """A GGUF with no tensors and only the tokenizer.ggml.* metadata of `path`, as the converter wrote
+    it: the bundled model's vocabulary, small enough to commit (its weights are in the package)."""
+    import gguf
+
+    sys.path.insert(0, ROOT)
+    from lowmoe.load.gguf import read_file
+
+    meta, _ = read_file(path)
+    w = gguf.GGUFWriter(out, meta["general.architecture"])
+    for key, value in meta.items():
+        if key.startswith("tokenizer.ggml."):
+            w.add_array(key, value) if isinstance(value, list) else w.add_key_value(key, value, _type(value))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.close()
+
+
+def _type(value):
+    import gguf
+
+    return gguf.GGUFValueType.STRING if isinstance(value, str) else gguf.GGUFValueType.UINT32
 
 
 if __name__ == "__main__":
