@@ -5,7 +5,8 @@ buffer, to_device, to_host, embed, linear, rms_norm, rope, attention, router_top
 `xp`, the array module holding the arrays. All activations are float32 C-contiguous arrays; every kernel accumulates in
 float32. Weights may be float32, or float16 / bfloat16 data viewed as uint16
 (Numba's CPU target has no half type) and are converted element by element in
-the inner loops, so no f32 copy of a weight matrix is ever made.
+the inner loops, so no f32 copy of a weight matrix is ever made; or the block bytes of a GGUF
+format ("q8_0" ... "q6_k"), which backend/quant.py decodes row by row.
 
 Kernels are nogil (I/O threads can run while one thread computes) and cached on
 disk (a new process does not recompile). Parallel kernels use Numba's threading
@@ -92,7 +93,12 @@ def _convert(w, out):
 def to_f32(w, dtype):
     """Weights of any supported dtype ("f32", "f16", "bf16"; half types as
     uint16 views) -> new float32 array of the same shape, using the kernels'
-    own conversion (for embeddings, checks and tests)."""
+    own conversion (for embeddings, checks and tests). A GGUF format (quant.FORMATS) takes rows of
+    block bytes uint8 [..., row bytes] -> f32 [..., row elements]."""
+    if dtype in quant.FORMATS:
+        E, B = quant.FORMATS[dtype]
+        rows = w.reshape(-1, w.shape[-1])
+        return quant.dequantize(rows, dtype, (rows.shape[0], w.shape[-1] // B * E)).reshape(*w.shape[:-1], -1)
     flat = _kernel_view(np.ascontiguousarray(w).reshape(-1), dtype)
     out = np.empty(flat.size, np.float32)
     _convert(flat, out)
@@ -257,8 +263,12 @@ def linear(x, w, dtype, out, bias=None):
     """out = x @ w.T (+ bias, added after the product): x f32[T, D]; w [R, D] (nn.Linear layout)
     float32, or uint16 views of float16 / bfloat16 data; bias f32[R]; out f32[T, R] overwritten. Used for every dense projection so that
     decode runs on one thread pool (NumPy's BLAS pool and Numba's spinning OpenMP pool, used in
-    turn, starve each other: measured 5 vs 129 tok/s on a 0.8 GB model)."""
-    _linear(x, _kernel_view(w, dtype), out)
+    turn, starve each other: measured 5 vs 129 tok/s on a 0.8 GB model).
+    dtype a GGUF format (quant.FORMATS, "q8_0" ... "q6_k"): w is its block bytes uint8 [R, row bytes]."""
+    if dtype in _WDTYPE:
+        _linear(x, _kernel_view(w, dtype), out)
+    else:
+        quant.linear(x, w, dtype, out)
     if bias is not None:
         out += bias
 
@@ -267,7 +277,15 @@ def expert_ffn(x, gate, up, down, dtype, out):
     """SwiGLU expert / dense MLP: out[t] = down @ (silu(gate @ x[t]) * (up @ x[t])).
     x f32[T, D]; gate, up [I, D]; down [D, I] (nn.Linear layout), float32 for
     dtype "f32" or uint16 views of float16 / bfloat16 data for "f16" / "bf16";
-    out f32[T, D] is overwritten."""
+    out f32[T, D] is overwritten. GGUF formats (quant.FORMATS): the matrices are block bytes and
+    dtype is one format or a tuple (gate's, up's, down's), e.g. ("q4_k", "q4_k", "q6_k")."""
+    if dtype not in _WDTYPE:
+        quant.expert_ffn(x, gate, up, down, (dtype,) * 3 if isinstance(dtype, str) else dtype, out)
+        return
     h = np.empty((x.shape[0], gate.shape[0]), np.float32)
     _gate_up(x, _kernel_view(gate, dtype), _kernel_view(up, dtype), h)
     _linear(h, _kernel_view(down, dtype), out)
+
+
+# Last: quant.py builds its kernels on _to_f32 and the flags above.
+from . import quant  # noqa: E402
