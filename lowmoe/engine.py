@@ -8,13 +8,11 @@ import numpy as np
 
 from .backend import backend, cpu
 from .errors import ConfigError, InputError
-from .load.checkpoint import Checkpoint
-from .load.config import EngineConfig, load_model_config
+from .load.config import EngineConfig
 from .load.gguf import GGUF
-from .load.gguf_config import gguf_model_config
 from .load.gguf_tokenizer import gguf_tokenizer
-from .load.gguf_weights import load_dense_gguf
-from .load.weights import load_dense, to_device
+from .load.model import dense_weights, open_model
+from .load.weights import to_device
 from .model import KVCache, Model
 from .predict.history import History
 from .predict.learned import FILENAME as LEARNED_FILE
@@ -111,14 +109,8 @@ class Engine:
         options = EngineConfig.from_options(device=device, **options)
         ops = backend(options.device)  # DeviceError before loading anything when no GPU is usable
         path = os.fspath(path)
-        if path.endswith(".gguf"):
-            ckpt = GGUF(path)
-            cfg = gguf_model_config(ckpt)
-            dense = load_dense_gguf(ckpt, cfg)
-        else:
-            cfg = load_model_config(path)
-            ckpt = Checkpoint(path)
-            dense = load_dense(ckpt, cfg)
+        ckpt, cfg = open_model(path)
+        dense = dense_weights(ckpt, cfg)
         store = open_store(options.storage or ("packed" if is_packed(path) else "checkpoint"), path, ckpt, cfg)
         experts, where = place_experts(cfg, dense, store, options)
         predictor = None

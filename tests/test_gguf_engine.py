@@ -40,3 +40,16 @@ def test_quantized_experts_are_a_one_line_error(capsys):
     assert cli(["decode", path, "--prompt-ids", "5,17", "--max-new-tokens", "2"]) == 2
     err = capsys.readouterr().err.strip()
     assert f"{path}: routed experts in q8_0" in err and "\n" not in err
+
+
+def test_info_shows_a_gguf_files_formats_and_bytes_per_expert(capsys):
+    import json
+
+    path = os.path.join(DATA, "mixtral_bf16_sharded-q8_0.gguf")
+    assert cli(["info", path, "--json", "--expert-cache", "50%"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    I, D = info["expert_intermediate_size"], info["hidden_size"]
+    assert info["bytes_per_expert"] == 3 * I * D // 32 * 34  # Q8_0: 34 bytes per 32 weights
+    assert set(info["format_bytes"]) == {"q8_0", "f32"}  # the converter keeps norms and the router f32
+    assert info["dense_bytes"] + info["expert_bytes"] == sum(info["format_bytes"].values())
+    assert info["cache_slots"] == info["moe_layers"] * info["experts_per_layer"] // 2

@@ -4,7 +4,7 @@ import json
 
 
 def add_arguments(p):
-    p.add_argument("model", nargs="?", default=None, help="model folder (default: the bundled model)")
+    p.add_argument("model", nargs="?", default=None, help="model folder or GGUF file (default: the bundled model)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--expert-cache", default=None, metavar="BUDGET",
                    help="also print the cache plan for this budget (1.5GiB, 300MB, 25%%, min)")
@@ -18,18 +18,25 @@ def add_arguments(p):
 
 def main(args):
     from lowmoe import DEFAULT_MODEL
+    from lowmoe.load.gguf import GGUF
+    from lowmoe.load.model import open_model
     from lowmoe.tier.budget import plan_cache
-    from lowmoe.load.checkpoint import Checkpoint
-    from lowmoe.load.config import load_model_config
+    from lowmoe.tier.slots import ALIGN
     from lowmoe.tier.store import is_packed, open_store
 
     path = args.model or DEFAULT_MODEL
-    cfg = load_model_config(path)
-    ckpt = Checkpoint(path)
-    store = open_store("packed" if is_packed(path) else "checkpoint", path, ckpt, cfg)
-    store.close()
+    ckpt, cfg = open_model(path)
     experts = len(cfg.moe_layers) * cfg.num_experts
-    expert_bytes = experts * 3 * store.layout.part
+    formats = {}
+    if isinstance(ckpt, GGUF):  # its experts may be in block formats the store does not read yet
+        for t in ckpt.tensors.values():
+            formats[t.format] = formats.get(t.format, 0) + t.nbytes
+        expert_bytes = sum(t.nbytes for n, t in ckpt.tensors.items() if "_exps." in n)
+        block = -(-(expert_bytes // max(1, experts)) // ALIGN) * ALIGN
+    else:
+        store = open_store("packed" if is_packed(path) else "checkpoint", path, ckpt, cfg)
+        store.close()
+        expert_bytes, block = experts * 3 * store.layout.part, store.layout.block
     total = sum(t.nbytes for t in ckpt.tensors.values()) + (expert_bytes if is_packed(path) else 0)
     info = {
         "model": path,
@@ -46,19 +53,22 @@ def main(args):
         "expert_bytes": expert_bytes,
         "bytes_per_expert": expert_bytes // max(1, experts),
     }
+    if formats:
+        info["format_bytes"] = formats  # GGUF: bytes per weight format over every tensor
     if args.expert_cache is not None:
-        info.update(plan_cache(args.expert_cache, cfg, store.layout.block).describe())
+        info.update(plan_cache(args.expert_cache, cfg, block).describe())
     if args.vram_budget is not None:
-        from lowmoe.load.weights import device_bytes
         from lowmoe.errors import InputError
+        from lowmoe.load.model import dense_weights
+        from lowmoe.load.weights import device_bytes
         from lowmoe.tier.vram import plan_vram
-        from lowmoe.load.weights import load_dense
 
         if args.context < 1:
             raise InputError(f"--context must be >= 1, got {args.context}")
-        dense = device_bytes(load_dense(ckpt, cfg))
+        dense = device_bytes(dense_weights(ckpt, cfg))
         staging = cfg.top_k * args.lookahead
-        info.update(plan_vram(args.vram_budget, cfg, dense, 3 * store.layout.part, args.context, staging).describe())
+        slot = expert_bytes // max(1, experts)
+        info.update(plan_vram(args.vram_budget, cfg, dense, slot, args.context, staging).describe())
     if args.json:
         print(json.dumps(info))
         return 0
@@ -73,6 +83,8 @@ def main(args):
 
 
 def _fmt(key, value):
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in value.items())
     if key.endswith("fraction_cached"):
         return f"{value:.1%}"
     if "bytes" in key:
