@@ -24,6 +24,7 @@ import numpy as np
 
 from ..engine import Context, Engine
 from ..errors import InputError, LowmoeError
+from ..load.gguf import split_files
 from ..predict.oracle import Oracle, Recorder
 from ..tier.slots import aligned_empty
 from ..tier.store import is_packed
@@ -49,7 +50,8 @@ def context_ids(engine, prompt_file, n):
 def _context_key(engine, ids):
     """Hash of what the KV cache depends on: the model's files (names, sizes, times) and the ids."""
     h = hashlib.sha256(os.path.realpath(engine.model_dir).encode())
-    for path in sorted(glob.glob(os.path.join(engine.model_dir, "*"))):
+    files = split_files(engine.model_dir) if engine.model_dir.endswith(".gguf") else glob.glob(os.path.join(engine.model_dir, "*"))
+    for path in sorted(files):
         st = os.stat(path)
         h.update(f"{os.path.basename(path)}:{st.st_size}:{st.st_mtime_ns}".encode())
     h.update(np.asarray(ids, np.int64).tobytes())
@@ -94,6 +96,8 @@ def load_context(engine, ids, room, cache_dir, progress=None):
 
 def expert_files(model_dir):
     """The files the slow tier reads experts from."""
+    if model_dir.endswith(".gguf"):
+        return split_files(model_dir)
     if is_packed(model_dir):
         return [os.path.join(model_dir, "experts.bin")]
     return sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))

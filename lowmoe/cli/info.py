@@ -36,7 +36,7 @@ def main(args):
     else:
         store = open_store("packed" if is_packed(path) else "checkpoint", path, ckpt, cfg)
         store.close()
-        expert_bytes, block = experts * 3 * store.layout.part, store.layout.block
+        expert_bytes, block = experts * store.layout.nbytes, store.layout.block
     total = sum(t.nbytes for t in ckpt.tensors.values()) + (expert_bytes if is_packed(path) else 0)
     info = {
         "model": path,

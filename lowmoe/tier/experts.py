@@ -259,7 +259,7 @@ class OffloadedExperts:
                     self.cache.release(req.slot)
                 else:
                     self.releasing[key] = req
-                    st.wasted_bytes += 3 * self.slab.layout.part
+                    st.wasted_bytes += self.slab.layout.nbytes
             self._sweep()
         if tracing:
             k = self.cfg.top_k

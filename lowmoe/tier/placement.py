@@ -62,7 +62,7 @@ def check_fits(cfg, dense, layout):
     """DeviceError unless the dense weights and every expert fit in the GPU's free memory with 10%
     (at least 512 MiB) left for the KV cache and scratch."""
     free, _ = cuda.cupy().cuda.Device().mem_info
-    experts = len(cfg.moe_layers) * cfg.num_experts * 3 * layout.part
+    experts = len(cfg.moe_layers) * cfg.num_experts * layout.nbytes
     need = device_bytes(dense) + experts
     if need + max(free // 10, 512 << 20) > free:
         raise DeviceError(f"device 'cuda': the model needs {need / 2**30:.2f} GiB of GPU memory ({experts / 2**30:.2f} "
@@ -91,6 +91,10 @@ def _on_gpu(cfg, dense, store, options):
     With slots and cpu_moe unset, hybrid.choose_cpu_moe decides between the slots and "host" (every
     expert in host memory) from measured costs, and logs why; with slots, miss_policy "auto" (or
     unset) lets hybrid.misses_on_cpu decide whether the CPU computes misses whose copy is in flight."""
+    unsupported = [f for f in store.layout.formats if f not in ("f32", "f16", "bf16")]
+    if unsupported:  # the GPU kernels, and exact.py that stands in for them, take float weights only
+        raise DeviceError(f"device 'cuda': experts in the GGUF format {unsupported[0]} run on the CPU only so far "
+                          "(--device cpu)")
     staging = cfg.top_k * options.lookahead
     if options.cpu_moe:
         return _host_experts(cfg, store, options, options.expert_cache, staging), "host"
@@ -99,7 +103,7 @@ def _on_gpu(cfg, dense, store, options):
         experts = DeviceExperts(store, cfg)
         store.close()
         return experts, "resident"
-    slot = 3 * store.layout.part
+    slot = store.layout.nbytes
     if options.vram_budget is not None:
         plan = plan_vram(options.vram_budget, cfg, device_bytes(dense), slot, options.max_context, staging).cache
     else:

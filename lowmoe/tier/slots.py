@@ -1,8 +1,8 @@
 """Expert slots: the fast tier's memory, one preallocated, 4 KiB-aligned slab.
 
-Every routed expert of a model has the same shape and dtype, so one slot holds any expert as one
-contiguous block: gate [I, D] at byte 0, up [I, D] at `part`, down [D, I] at `2 * part`, padded to
-a multiple of 4 KiB. A read from the slow tier lands straight in a slot (one `preadv` of the
+Every routed expert of a model has the same shapes and formats, so one slot holds any expert as one
+contiguous block: gate [I, D] at byte 0, then up [I, D], then down [D, I] (`ExpertLayout.spans`; in
+a GGUF block format each may differ in size), padded to a multiple of 4 KiB. A read from the slow tier lands straight in a slot (one `preadv` of the
 whole block for a packed store, with O_DIRECT), and the kernels compute from views of it: nothing
 is copied after the read. Slot ids are plain ints; the cache policy decides what each holds.
 """
@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..backend.quant import FORMATS
 from ..load.weights import FFN
 
 ALIGN = 4096
@@ -18,21 +19,53 @@ _ITEMSIZE = {"f32": 4, "f16": 2, "bf16": 2}
 _NP = {"f32": np.float32, "f16": np.uint16, "bf16": np.uint16}
 
 
+def row_bytes(fmt, n):
+    """Bytes of a row of n weights in `fmt`: a float dtype, or a GGUF block format."""
+    if fmt in _ITEMSIZE:
+        return n * _ITEMSIZE[fmt]
+    elems, block = FORMATS[fmt]
+    return n // elems * block
+
+
 @dataclass(frozen=True)
 class ExpertLayout:
-    dtype: str  # kernel dtype: "f32", "f16", "bf16"
+    dtype: object  # "f32", "f16", "bf16" or a GGUF format name; or a tuple (gate's, up's, down's)
     inter: int  # I
     hidden: int  # D
 
     @property
+    def formats(self):
+        return self.dtype if isinstance(self.dtype, tuple) else (self.dtype,) * 3
+
+    @property
+    def sizes(self):
+        """Bytes of gate [I, D], up [I, D] and down [D, I]."""
+        g, u, d = self.formats
+        return self.inter * row_bytes(g, self.hidden), self.inter * row_bytes(u, self.hidden), self.hidden * row_bytes(d, self.inter)
+
+    @property
+    def spans(self):
+        """(start, end) of gate, up and down in a block."""
+        a, b, c = self.sizes
+        return (0, a), (a, a + b), (a + b, a + b + c)
+
+    @property
+    def nbytes(self):
+        """Bytes of one expert: its three matrices."""
+        return sum(self.sizes)
+
+    @property
     def part(self):
-        """Bytes of one of gate, up, down."""
-        return self.inter * self.hidden * _ITEMSIZE[self.dtype]
+        """Bytes of one of gate, up, down, for the float layouts whose three parts are alike (the
+        GPU tier's)."""
+        if self.dtype not in _ITEMSIZE:
+            raise ValueError(f"expert layout {self.dtype}: its parts differ in size")
+        return self.sizes[0]
 
     @property
     def block(self):
-        """Bytes of one slot: the three parts, padded to a multiple of ALIGN."""
-        return -(-3 * self.part // ALIGN) * ALIGN
+        """Bytes of one slot: the three matrices, padded to a multiple of ALIGN."""
+        return -(-self.nbytes // ALIGN) * ALIGN
 
 
 def aligned_empty(nbytes):
@@ -65,11 +98,10 @@ class Slab:
 
 def block_ffn(layout, b):
     """Views of the expert in the block b uint8[layout.block]: gate, up [I, D], down [D, I] in the
-    stored dtype."""
-    dt, I, D, p = _NP[layout.dtype], layout.inter, layout.hidden, layout.part
-    return FFN(
-        b[:p].view(dt).reshape(I, D),
-        b[p : 2 * p].view(dt).reshape(I, D),
-        b[2 * p : 3 * p].view(dt).reshape(D, I),
-        layout.dtype,
-    )
+    stored dtype, or for a GGUF format their block bytes uint8 [rows, row bytes]."""
+    I, D = layout.inter, layout.hidden
+    views = []
+    for fmt, rows, (lo, hi) in zip(layout.formats, (I, I, D), layout.spans):
+        part = b[lo:hi]
+        views.append(part.view(_NP[fmt]).reshape(rows, -1) if fmt in _NP else part.reshape(rows, -1))
+    return FFN(*views, layout.dtype)

@@ -85,10 +85,9 @@ class CheckpointStore:
         self._ranges = {k: tuple((self._fds[t.file], t.offset, t.file) for t in infos) for k, infos in tensors.items()}
 
     def read(self, layer, expert, dest):
-        p = self.layout.part
-        for i, (fd, offset, path) in enumerate(self._ranges[layer, expert]):
-            _read_into(fd, dest[i * p : (i + 1) * p], offset, path)
-        return 3 * p
+        for (fd, offset, path), (lo, hi) in zip(self._ranges[layer, expert], self.layout.spans):
+            _read_into(fd, dest[lo:hi], offset, path)
+        return self.layout.nbytes
 
     def close(self):
         for fd in self._fds.values():
@@ -99,12 +98,13 @@ class CheckpointStore:
 class GGUFStore:
     """Experts read from a GGUF model's stacked expert tensors (load.gguf.GGUF): blk.N.ffn_gate_exps,
     ffn_up_exps [E, I, D] and ffn_down_exps [E, D, I], expert e the e-th slice of each, so three
-    reads per expert as from a safetensors checkpoint. The three must share one format (so far)."""
+    reads per expert as from a safetensors checkpoint. Each of the three may have its own format
+    (Q4_K_M: gate and up Q4_K, down Q6_K), the same in every layer."""
 
     def __init__(self, model, cfg):
         I, D, E = cfg.expert_intermediate, cfg.hidden_size, cfg.num_experts
         self.layers, self.experts = list(cfg.moe_layers), E
-        ranges, formats = {}, set()
+        ranges, formats = {}, []
         for layer in self.layers:
             for role, shape in (("gate", (E, I, D)), ("up", (E, I, D)), ("down", (E, D, I))):
                 name = f"blk.{layer}.ffn_{role}_exps.weight"
@@ -113,12 +113,15 @@ class GGUFStore:
                     raise CheckpointError(f"{model.path}: missing tensor '{name}'")
                 if t.shape != shape:
                     raise CheckpointError(f"{t.file}: tensor '{name}' has shape {list(t.shape)}, expected {list(shape)}")
-                formats.add(t.format)
+                formats.append(t.format)
                 ranges[layer, role] = t
-        if len(formats) != 1 or formats & {"f32", "f16", "bf16"} != formats:
-            raise CheckpointError(f"{model.path}: routed experts in {', '.join(sorted(formats))}: the expert tier "
-                                  "reads one of f32, f16 or bf16 for now")
-        self.layout = ExpertLayout(formats.pop(), I, D)
+        roles = tuple(formats[:3])  # gate, up, down of the first MoE layer
+        for layer, i in zip(self.layers, range(0, len(formats), 3)):
+            if tuple(formats[i : i + 3]) != roles:
+                raise CheckpointError(f"{model.path}: the experts of layer {layer} are in {', '.join(formats[i : i + 3])}, "
+                                      f"those of layer {self.layers[0]} in {', '.join(roles)}; lowmoe needs one layout "
+                                      "for every expert")
+        self.layout = ExpertLayout(roles[0] if len(set(roles)) == 1 else roles, I, D)
         self._fds = {}
         for t in ranges.values():
             if t.file not in self._fds:
@@ -129,11 +132,10 @@ class GGUFStore:
         self._ranges = ranges
 
     def read(self, layer, expert, dest):
-        p = self.layout.part
-        for i, role in enumerate(("gate", "up", "down")):
+        for role, (lo, hi) in zip(("gate", "up", "down"), self.layout.spans):
             t = self._ranges[layer, role]
-            _read_into(self._fds[t.file], dest[i * p : (i + 1) * p], t.offset + expert * p, t.file)
-        return 3 * p
+            _read_into(self._fds[t.file], dest[lo:hi], t.offset + expert * (hi - lo), t.file)
+        return self.layout.nbytes
 
     def close(self):
         for fd in self._fds.values():
@@ -244,7 +246,7 @@ class RamStore:
         return self.blocks.nbytes
 
     def read(self, layer, expert, dest):
-        n = 3 * self.layout.part
+        n = self.layout.nbytes
         np.copyto(dest[:n], self.blocks[self._index[layer, expert], :n])
         return n
 
