@@ -96,7 +96,7 @@ def test_the_q8_0_file_decodes_as_transformers_on_its_dequantized_weights(test_m
 
 def test_quantized_experts_on_the_gpu_are_a_one_line_error(host_gpu):
     """On the CPU stand-in for the GPU: the GPU kernels take float weights only, so far."""
-    with pytest.raises(lowmoe.DeviceError, match="experts in the GGUF format q8_0 run on the CPU only"):
+    with pytest.raises(lowmoe.DeviceError, match="weights in the GGUF format q8_0 run on the CPU only"):
         lowmoe.Engine.from_pretrained(os.path.join(DATA, "mixtral_bf16_sharded-q8_0.gguf"), device="cuda")
 
 

@@ -89,11 +89,9 @@ def load_dense_gguf(model, cfg):
 
 
 def _ffn(model, p, suffix, inter, hidden):
-    """A SwiGLU MLP from blk.N.ffn_{gate,up,down}{suffix}.weight; its three formats must agree
-    (lowmoe's FFN has one dtype)."""
+    """A SwiGLU MLP from blk.N.ffn_{gate,up,down}{suffix}.weight, its dtype one format or a tuple
+    (gate's, up's, down's) where they differ, as cpu.expert_ffn takes them."""
     parts = [matrix(model, f"{p}ffn_{n}{suffix}.weight", s)
              for n, s in (("gate", (inter, hidden)), ("up", (inter, hidden)), ("down", (hidden, inter)))]
-    if len({m.dtype for m in parts}) != 1:
-        raise CheckpointError(f"{model.path}: {p}ffn_*{suffix} mix formats ({', '.join(m.dtype for m in parts)}), "
-                              "which lowmoe's dense MLPs do not support yet")
-    return FFN(*(m.w for m in parts), parts[0].dtype)
+    dtypes = tuple(m.dtype for m in parts)
+    return FFN(*(m.w for m in parts), dtypes[0] if len(set(dtypes)) == 1 else dtypes)

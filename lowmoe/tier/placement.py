@@ -21,7 +21,7 @@ import numpy as np
 
 from ..backend import cuda, exact
 from ..errors import DeviceError
-from ..load.weights import FFN, device_bytes
+from ..load.weights import FFN, device_bytes, formats
 from .budget import plan_cache
 from .cuda_device import CupyDevice, transfer_costs
 from .device_slots import device_experts
@@ -91,9 +91,9 @@ def _on_gpu(cfg, dense, store, options):
     With slots and cpu_moe unset, hybrid.choose_cpu_moe decides between the slots and "host" (every
     expert in host memory) from measured costs, and logs why; with slots, miss_policy "auto" (or
     unset) lets hybrid.misses_on_cpu decide whether the CPU computes misses whose copy is in flight."""
-    unsupported = [f for f in store.layout.formats if f not in ("f32", "f16", "bf16")]
+    unsupported = sorted((set(store.layout.formats) | formats(dense)) - {"f32", "f16", "bf16"})
     if unsupported:  # the GPU kernels, and exact.py that stands in for them, take float weights only
-        raise DeviceError(f"device 'cuda': experts in the GGUF format {unsupported[0]} run on the CPU only so far "
+        raise DeviceError(f"device 'cuda': weights in the GGUF format {unsupported[0]} run on the CPU only so far "
                           "(--device cpu)")
     staging = cfg.top_k * options.lookahead
     if options.cpu_moe:
