@@ -1,9 +1,9 @@
 """Loading a checkpoint into per-layer weight records.
 
-Matrices keep their stored dtype (float32, or uint16 bits of F16/BF16): the kernels convert in
-registers, so a bf16 model streams half the bytes per token and holds half the memory. Vectors
-(norm weights, biases) are float32. Routed experts are not loaded here: `experts.py` owns where
-they live.
+Matrices keep their stored dtype (float32, uint16 bits of F16/BF16, or a GGUF block format's bytes,
+load/gguf_weights.py): the kernels convert in registers, so a bf16 model streams half the bytes per
+token and holds half the memory. Vectors (norm weights, biases) are float32. Routed experts are not
+loaded here: the expert tier (tier/) owns where they live.
 """
 
 from dataclasses import dataclass, fields, replace
@@ -18,8 +18,8 @@ KERNEL_DTYPE = {"F32": "f32", "F16": "f16", "BF16": "bf16"}
 
 @dataclass
 class Matrix:
-    w: np.ndarray  # [out, in] as stored
-    dtype: str  # kernel dtype: "f32", "f16" or "bf16"
+    w: np.ndarray  # [out, in] as stored (a block format: uint8 [out, row bytes])
+    dtype: str  # kernel dtype: "f32", "f16", "bf16" or a GGUF format ("q8_0" ... "q6_k")
     bias: np.ndarray = None  # f32[out]
 
 
@@ -30,7 +30,7 @@ class FFN:
     gate: np.ndarray  # [I, D] as stored
     up: np.ndarray  # [I, D]
     down: np.ndarray  # [D, I]
-    dtype: str
+    dtype: object  # one kernel dtype, or a tuple (gate's, up's, down's) where they differ
 
 
 @dataclass
