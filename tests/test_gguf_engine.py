@@ -1,6 +1,6 @@
 """An Engine on a GGUF file that llama.cpp's converter wrote (tests/data/gguf): the bf16 file of the
-Mixtral test checkpoint decodes exactly as the checkpoint does, and the Q8_0 one as transformers
-does on its dequantized weights, with every expert resident and through the expert cache;
+Mixtral test checkpoint decodes exactly as the checkpoint does, and the Q8_0 and Q4_K_M ones as
+transformers does on their dequantized weights, with every expert resident and through the expert cache;
 `lowmoe decode FILE.gguf` and `lowmoe info FILE.gguf`."""
 
 import os
@@ -56,32 +56,39 @@ def _dequantized_transformers(checkpoint, path):
 
     hf = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
     c = hf.config
-    state = {"model.embed_tokens.weight": w("token_embd.weight"), "lm_head.weight": w("output.weight"),
-             "model.norm.weight": w("output_norm.weight")}
+    llama = c.model_type == "mixtral"  # the converter permutes q and k rows for llama only
+    state = {"model.embed_tokens.weight": w("token_embd.weight"), "model.norm.weight": w("output_norm.weight")}
+    state["lm_head.weight"] = w("output.weight") if "output.weight" in model.tensors else state["model.embed_tokens.weight"]
     for i in range(c.num_hidden_layers):
         p, b = f"model.layers.{i}.", f"blk.{i}."
+        if b + "attn_q_norm.weight" in model.tensors:
+            state.update({p + "self_attn.q_norm.weight": w(b + "attn_q_norm.weight"),
+                          p + "self_attn.k_norm.weight": w(b + "attn_k_norm.weight")})
         state.update({p + "input_layernorm.weight": w(b + "attn_norm.weight"),
                       p + "post_attention_layernorm.weight": w(b + "ffn_norm.weight"),
-                      p + "self_attn.q_proj.weight": w(b + "attn_q.weight", c.num_attention_heads),
-                      p + "self_attn.k_proj.weight": w(b + "attn_k.weight", c.num_key_value_heads),
+                      p + "self_attn.q_proj.weight": w(b + "attn_q.weight", c.num_attention_heads if llama else None),
+                      p + "self_attn.k_proj.weight": w(b + "attn_k.weight", c.num_key_value_heads if llama else None),
                       p + "self_attn.v_proj.weight": w(b + "attn_v.weight"),
                       p + "self_attn.o_proj.weight": w(b + "attn_output.weight"),
                       p + "mlp.gate.weight": w(b + "ffn_gate_inp.weight"),
                       p + "mlp.experts.gate_up_proj": torch.cat([w(b + "ffn_gate_exps.weight"), w(b + "ffn_up_exps.weight")], 1),
                       p + "mlp.experts.down_proj": w(b + "ffn_down_exps.weight")})
-    assert set(state) == {n for n, _ in hf.named_parameters()}
+    assert set(state) == set(hf.state_dict())
     hf.load_state_dict(state)
     return hf
 
 
-def test_the_q8_0_file_decodes_as_transformers_on_its_dequantized_weights(test_models):
-    """Experts and matrices in Q8_0, computed in place: logits within 1e-4 of transformers' float32
-    over the same dequantized weights, the same greedy tokens, and the same bits with the experts
-    out of core as resident."""
+@pytest.mark.parametrize("name", ["mixtral_bf16_sharded-q8_0", "mixtral_bf16_sharded-q4_k_m", "default-q4_k_m"])
+def test_a_quantized_file_decodes_as_transformers_on_its_dequantized_weights(test_models, name):
+    """Experts and matrices in Q8_0, or llama-quantize's Q4_K_M mix (for the bundled model Q4_K, Q6_K,
+    Q8_0 and Q5_0, the experts' formats differing by layer), computed in place: logits within 1e-4 of
+    transformers' float32 over the same dequantized weights, the same greedy tokens, and the same
+    bits with the experts out of core as resident."""
     import torch
 
-    path = os.path.join(DATA, "mixtral_bf16_sharded-q8_0.gguf")
-    hf = _dequantized_transformers(test_models["mixtral_bf16_sharded"], path)
+    path = os.path.join(DATA, f"{name}.gguf")
+    checkpoint = lowmoe.DEFAULT_MODEL if name.startswith("default") else test_models["mixtral_bf16_sharded"]
+    hf = _dequantized_transformers(checkpoint, path)
     with torch.no_grad():
         want = hf(torch.tensor([PROMPT])).logits[0].numpy()
         greedy = hf.generate(torch.tensor([PROMPT]), max_new_tokens=16, do_sample=False)[0, len(PROMPT):].tolist()

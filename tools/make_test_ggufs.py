@@ -1,13 +1,17 @@
 """Remake the GGUF test files in tests/data/gguf/ with llama.cpp's own converter.
 
-    ../shared/tools/llamacpp.sh DIR          # once: llama.cpp's source (DIR/src) and its converter
-    python tools/make_test_ggufs.py DIR/src [OUTDIR]
+    ../shared/tools/llamacpp.sh DIR          # once: llama.cpp's source (DIR/src) and tools (DIR/bin)
+    python tools/make_test_ggufs.py DIR [OUTDIR]
 
 The checkpoints are tools/make_test_models.py's (the same seeds, so the same weights), each given
 that script's word-level tokenizer where it has none (the converter needs a vocabulary), then
 converted by `convert_hf_to_gguf.py --outtype bf16` and `--outtype q8_0` into
-OUTDIR/<variant>-<outtype>.gguf (OUTDIR defaults to tests/data/gguf); and the tokenizer metadata the
-converter writes for the bundled model, alone, into OUTDIR/default-tokenizer.gguf. So far Mixtral only: the
+OUTDIR/<variant>-<outtype>.gguf (OUTDIR defaults to tests/data/gguf), and the bf16 file quantized by
+`llama-quantize ... Q4_K_M` into OUTDIR/<variant>-q4_k_m.gguf (rows shorter than 256 weights fall
+back to the 32-weight formats, as in every Q4_K_M of an MoE's small matrices); and from the
+bundled model, its Q4_K_M (Q4_K, Q6_K, Q8_0 and Q5_0, the experts' down in Q8_0 or Q5_0 by layer)
+into OUTDIR/default-q4_k_m.gguf and the tokenizer metadata the converter writes, alone, into
+OUTDIR/default-tokenizer.gguf. So far Mixtral only: the
 converter cannot express the Qwen MoE checkpoints' dense layers, and it refuses the word-level
 tokenizer for OLMoE and Qwen2-MoE (without one it takes whatever tokenizer the machine has cached,
 which is no reproducible test file). The tests read the committed files; neither CI nor the tests
@@ -25,7 +29,8 @@ OUTTYPES = ("bf16", "q8_0")
 
 
 def main(argv):
-    src, outdir = argv[0], argv[1] if len(argv) > 1 else os.path.join(ROOT, "tests", "data", "gguf")
+    llama, outdir = argv[0], argv[1] if len(argv) > 1 else os.path.join(ROOT, "tests", "data", "gguf")
+    src = os.path.join(llama, "src")
     sys.path.insert(0, os.path.join(ROOT, "tools"))
     import make_test_models
     from transformers import AutoConfig
@@ -40,9 +45,16 @@ def main(argv):
                 out = os.path.join(outdir, f"{name}-{outtype}.gguf")
                 _convert(src, env, path, outtype, out)
                 print(out, os.path.getsize(out))
+            out = os.path.join(outdir, f"{name}-q4_k_m.gguf")
+            subprocess.run([os.path.join(llama, "bin", "llama-quantize"), os.path.join(outdir, f"{name}-bf16.gguf"), out,
+                            "Q4_K_M"], check=True, capture_output=True)
+            print(out, os.path.getsize(out))
         out = os.path.join(outdir, "default-tokenizer.gguf")
-        tokenizer_only(_convert(src, env, os.path.join(ROOT, "lowmoe", "models", "default"), "bf16",
-                                os.path.join(tmp, "default.gguf")), out)
+        bundled = _convert(src, env, os.path.join(ROOT, "lowmoe", "models", "default"), "bf16", os.path.join(tmp, "default.gguf"))
+        tokenizer_only(bundled, out)
+        print(out, os.path.getsize(out))
+        out = os.path.join(outdir, "default-q4_k_m.gguf")
+        subprocess.run([os.path.join(llama, "bin", "llama-quantize"), bundled, out, "Q4_K_M"], check=True, capture_output=True)
         print(out, os.path.getsize(out))
     return 0
 

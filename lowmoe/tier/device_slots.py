@@ -204,7 +204,9 @@ class DeviceSlots:
             return None
         return self.ring.hold(slot)
 
-    def layer(self, u, idx, w, rows):
+    def layer(self, u, idx, w, rows, layout):
+        """A layer's experts; `layout` is the slab's (the GPU tier takes float experts, alike in every
+        layer)."""
         return _DeviceLayer(self, u, idx, w, rows)
 
     @property

@@ -114,7 +114,8 @@ class ResidentExperts(Resident):
         u, w = self.ops.to_host(u), self.ops.to_host(w)
         rows = _token_rows(idx)
         ffn = self.slab.ffn
-        outputs = {e: (r, _expert_out(self.kernel, ffn(self.slot[(layer, e)]), u, r)) for e, r in rows.items()}
+        L = self.layout.of(layer)
+        outputs = {e: (r, _expert_out(self.kernel, ffn(self.slot[(layer, e)], L), u, r)) for e, r in rows.items()}
         return self.ops.to_device(_combine(u, idx, w, outputs))
 
 
@@ -122,15 +123,15 @@ class _HostLayer:
     """One MoE layer's experts on the CPU: each computed as soon as it is added (while later reads
     stream in), summed by _combine at the end."""
 
-    def __init__(self, tier, u, idx, w, rows):
-        self.tier, self.u, self.idx, self.w, self.rows = tier, u, idx, w, rows
+    def __init__(self, tier, u, idx, w, rows, layout):
+        self.tier, self.u, self.idx, self.w, self.rows, self.layout = tier, u, idx, w, rows, layout
         self.outputs = {}  # expert -> (rows, y f32[len(rows), D])
 
     def add(self, e, slot, just_read=False):
         """Expert e from `slot`; just_read: its read has just finished (the GPU tier may then compute
         it on the CPU instead of waiting for its copy)."""
         t = self.tier
-        self.outputs[e] = (self.rows[e], _expert_out(t.kernel, t.slab.ffn(slot), self.u, self.rows[e]))
+        self.outputs[e] = (self.rows[e], _expert_out(t.kernel, t.slab.ffn(slot, self.layout), self.u, self.rows[e]))
 
     def flush(self):
         """End of a group of experts (their slots may be reused after this): nothing is pending."""
@@ -152,8 +153,9 @@ class HostSlots:
         """Reader thread: expert `key` into `slot` -> bytes read."""
         return self.store.read(*key, self.slab.block(slot))
 
-    def layer(self, u, idx, w, rows):
-        return _HostLayer(self, self.ops.to_host(u), idx, self.ops.to_host(w), rows)
+    def layer(self, u, idx, w, rows, layout):
+        """A layer's experts, in `layout` (its layer's: slab.layout.of)."""
+        return _HostLayer(self, self.ops.to_host(u), idx, self.ops.to_host(w), rows, layout)
 
     def close(self):
         pass
@@ -248,7 +250,8 @@ class OffloadedExperts:
         # Cached experts first. A prefill can route to more experts than the cache has slots:
         # then they go through in groups of at most `slots`.
         keys = sorted(((layer, e) for e in rows), key=lambda k: self.cache.lookup(k) is None)
-        out = self.tier.layer(u, idx, w, rows)
+        layout = self.slab.layout.of(layer)
+        out = self.tier.layer(u, idx, w, rows, layout)
         try:
             for i in range(0, len(keys), self.plan.slots):
                 self._group(keys[i : i + self.plan.slots], out, st)
@@ -259,7 +262,7 @@ class OffloadedExperts:
                     self.cache.release(req.slot)
                 else:
                     self.releasing[key] = req
-                    st.wasted_bytes += self.slab.layout.nbytes
+                    st.wasted_bytes += layout.nbytes
             self._sweep()
         if tracing:
             k = self.cfg.top_k

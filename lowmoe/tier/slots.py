@@ -32,6 +32,16 @@ class ExpertLayout:
     dtype: object  # "f32", "f16", "bf16" or a GGUF format name; or a tuple (gate's, up's, down's)
     inter: int  # I
     hidden: int  # D
+    # ((layer, dtype), ...) where the layers' formats differ (llama.cpp's Q4_K_M puts some layers'
+    # down in Q6_K): `dtype` is then the largest layer's, which sizes the slots, and `of` the others'
+    per_layer: tuple = ()
+
+    def of(self, layer):
+        """The layout of `layer`'s experts."""
+        for l, dtype in self.per_layer:
+            if l == layer:
+                return ExpertLayout(dtype, self.inter, self.hidden)
+        return self
 
     @property
     def formats(self):
@@ -91,9 +101,10 @@ class Slab:
         """The slot's bytes, uint8[layout.block], aligned: the destination of a read."""
         return self.buf[slot]
 
-    def ffn(self, slot):
-        """Views of the expert held in `slot` (block_ffn)."""
-        return block_ffn(self.layout, self.buf[slot])
+    def ffn(self, slot, layout=None):
+        """Views of the expert held in `slot` (block_ffn), in its layer's `layout` (layout.of) where
+        the layers differ."""
+        return block_ffn(layout or self.layout, self.buf[slot])
 
 
 def block_ffn(layout, b):

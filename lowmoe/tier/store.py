@@ -99,7 +99,7 @@ class GGUFStore:
     """Experts read from a GGUF model's stacked expert tensors (load.gguf.GGUF): blk.N.ffn_gate_exps,
     ffn_up_exps [E, I, D] and ffn_down_exps [E, D, I], expert e the e-th slice of each, so three
     reads per expert as from a safetensors checkpoint. Each of the three may have its own format
-    (Q4_K_M: gate and up Q4_K, down Q6_K), the same in every layer."""
+    (Q4_K_M: gate and up Q4_K, down Q6_K), and the layers may differ (ExpertLayout.per_layer)."""
 
     def __init__(self, model, cfg):
         I, D, E = cfg.expert_intermediate, cfg.hidden_size, cfg.num_experts
@@ -115,13 +115,13 @@ class GGUFStore:
                     raise CheckpointError(f"{t.file}: tensor '{name}' has shape {list(t.shape)}, expected {list(shape)}")
                 formats.append(t.format)
                 ranges[layer, role] = t
-        roles = tuple(formats[:3])  # gate, up, down of the first MoE layer
+        dtypes = {}  # layer -> its experts' dtype: one format, or (gate's, up's, down's)
         for layer, i in zip(self.layers, range(0, len(formats), 3)):
-            if tuple(formats[i : i + 3]) != roles:
-                raise CheckpointError(f"{model.path}: the experts of layer {layer} are in {', '.join(formats[i : i + 3])}, "
-                                      f"those of layer {self.layers[0]} in {', '.join(roles)}; lowmoe needs one layout "
-                                      "for every expert")
-        self.layout = ExpertLayout(roles[0] if len(set(roles)) == 1 else roles, I, D)
+            roles = tuple(formats[i : i + 3])
+            dtypes[layer] = roles[0] if len(set(roles)) == 1 else roles
+        largest = max(dtypes.values(), key=lambda d: ExpertLayout(d, I, D).nbytes)
+        per_layer = () if len(set(dtypes.values())) == 1 else tuple(dtypes.items())
+        self.layout = ExpertLayout(largest, I, D, per_layer)
         self._fds = {}
         for t in ranges.values():
             if t.file not in self._fds:
@@ -132,7 +132,7 @@ class GGUFStore:
         self._ranges = ranges
 
     def read(self, layer, expert, dest):
-        for role, (lo, hi) in zip(("gate", "up", "down"), self.layout.spans):
+        for role, (lo, hi) in zip(("gate", "up", "down"), self.layout.of(layer).spans):
             t = self._ranges[layer, role]
             _read_into(self._fds[t.file], dest[lo:hi], t.offset + expert * (hi - lo), t.file)
         return self.layout.nbytes
@@ -246,7 +246,7 @@ class RamStore:
         return self.blocks.nbytes
 
     def read(self, layer, expert, dest):
-        n = self.layout.nbytes
+        n = self.layout.of(layer).nbytes
         np.copyto(dest[:n], self.blocks[self._index[layer, expert], :n])
         return n
 
