@@ -21,22 +21,19 @@ def main(args):
     from lowmoe.load.gguf import GGUF
     from lowmoe.load.model import open_model
     from lowmoe.tier.budget import plan_cache
-    from lowmoe.tier.slots import ALIGN
     from lowmoe.tier.store import is_packed, open_store
 
     path = args.model or DEFAULT_MODEL
     ckpt, cfg = open_model(path)
     experts = len(cfg.moe_layers) * cfg.num_experts
+    store = open_store("packed" if is_packed(path) else "checkpoint", path, ckpt, cfg)
+    store.close()
+    layout, block = store.layout, store.layout.block
+    expert_bytes = cfg.num_experts * sum(layout.of(layer).nbytes for layer in cfg.moe_layers)
     formats = {}
-    if isinstance(ckpt, GGUF):  # its experts may be in block formats the store does not read yet
+    if isinstance(ckpt, GGUF):
         for t in ckpt.tensors.values():
             formats[t.format] = formats.get(t.format, 0) + t.nbytes
-        expert_bytes = sum(t.nbytes for n, t in ckpt.tensors.items() if "_exps." in n)
-        block = -(-(expert_bytes // max(1, experts)) // ALIGN) * ALIGN
-    else:
-        store = open_store("packed" if is_packed(path) else "checkpoint", path, ckpt, cfg)
-        store.close()
-        expert_bytes, block = experts * store.layout.nbytes, store.layout.block
     total = sum(t.nbytes for t in ckpt.tensors.values()) + (expert_bytes if is_packed(path) else 0)
     info = {
         "model": path,

@@ -11,6 +11,7 @@ so the same permutation of rows undoes it for block bytes.
 import numpy as np
 
 from ..errors import CheckpointError
+from .checkpoint import to_f32
 from .weights import FFN, Attention, Layer, Matrix, Weights
 
 
@@ -33,12 +34,8 @@ def _raw(model, name, shape):
 def vector(model, name, n):
     """A norm weight or bias as float32[n] (GGUF keeps them f32; f16 / bf16 are widened)."""
     a, fmt = _raw(model, name, (n,))
-    if fmt == "f32":
-        return a
-    if fmt == "f16":
-        return a.view(np.float16).astype(np.float32)
-    if fmt == "bf16":
-        return (a.astype(np.uint32) << 16).view(np.float32)
+    if fmt in ("f32", "f16", "bf16"):
+        return a if fmt == "f32" else to_f32(a, fmt.upper())
     raise CheckpointError(f"{model.path}: tensor '{name}' is {fmt}; a vector must be f32, f16 or bf16")
 
 

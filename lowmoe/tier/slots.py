@@ -8,6 +8,7 @@ is copied after the read. Slot ids are plain ints; the cache policy decides what
 """
 
 from dataclasses import dataclass
+from functools import cached_property, lru_cache
 
 import numpy as np
 
@@ -38,28 +39,25 @@ class ExpertLayout:
 
     def of(self, layer):
         """The layout of `layer`'s experts."""
-        for l, dtype in self.per_layer:
-            if l == layer:
-                return ExpertLayout(dtype, self.inter, self.hidden)
-        return self
+        return _layer_layout(self, layer) if self.per_layer else self
 
-    @property
+    @cached_property  # read for every expert the kernels compute
     def formats(self):
         return self.dtype if isinstance(self.dtype, tuple) else (self.dtype,) * 3
 
-    @property
+    @cached_property
     def sizes(self):
         """Bytes of gate [I, D], up [I, D] and down [D, I]."""
         g, u, d = self.formats
         return self.inter * row_bytes(g, self.hidden), self.inter * row_bytes(u, self.hidden), self.hidden * row_bytes(d, self.inter)
 
-    @property
+    @cached_property
     def spans(self):
         """(start, end) of gate, up and down in a block."""
         a, b, c = self.sizes
         return (0, a), (a, a + b), (a + b, a + b + c)
 
-    @property
+    @cached_property
     def nbytes(self):
         """Bytes of one expert: its three matrices."""
         return sum(self.sizes)
@@ -72,10 +70,17 @@ class ExpertLayout:
             raise ValueError(f"expert layout {self.dtype}: its parts differ in size")
         return self.sizes[0]
 
-    @property
+    @cached_property
     def block(self):
         """Bytes of one slot: the three matrices, padded to a multiple of ALIGN."""
         return -(-self.nbytes // ALIGN) * ALIGN
+
+
+@lru_cache(maxsize=None)
+def _layer_layout(layout, layer):
+    # One ExpertLayout per layer, made once: its cached sizes then serve every token.
+    dtype = dict(layout.per_layer).get(layer, layout.dtype)
+    return ExpertLayout(dtype, layout.inter, layout.hidden)
 
 
 def aligned_empty(nbytes):
