@@ -1,4 +1,4 @@
-"""tools/gpu_check.py's count of kernel launches and host syncs per decoded token, run on the CPU
+"""tools/gpu_counts.py's count of kernel launches and host syncs per decoded token, run on the CPU
 stand-in for CuPy (tests/host_cupy.py: the kernels of native/ built for the host), against counts
 derived from the decoder's structure (model.py's Model.forward, backend/cuda.py, tier/placement.py).
 On a GPU, gpu_check reports the same counts for the same placements as rows of its table."""
@@ -13,10 +13,9 @@ import pytest
 import lowmoe
 from lowmoe.backend import cuda
 
-from host_cupy import numpy_cupy
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
-import gpu_check  # noqa: E402  (tools/)
+import gpu_counts  # noqa: E402  (tools/)
 
 PROMPT = [5, 17, 300]
 STEPS = 3
@@ -24,7 +23,7 @@ STEPS = 3
 
 class DeviceArray(np.ndarray):
     """The stand-in's device arrays: NumPy's, told from host arrays as cupy.ndarray is on a GPU, so
-    that gpu_check.counting counts only real uploads and syncs (an asnumpy of a host array is none)."""
+    that gpu_counts.counting counts only real uploads and syncs (an asnumpy of a host array is none)."""
 
 
 def _on_device(make):
@@ -32,18 +31,14 @@ def _on_device(make):
 
 
 @pytest.fixture
-def host_gpu(kernels, monkeypatch):
-    """cupy is the host stand-in running `kernels`, its arrays DeviceArray; no NaN fills (POISON),
-    as gpu_check counts."""
-    cp = numpy_cupy(kernels.function)
+def host_gpu(host_gpu, monkeypatch):
+    """conftest's host stand-in for cupy, its arrays DeviceArray; no NaN fills (POISON), as
+    gpu_check counts."""
+    cp = host_gpu
     for name in ("empty", "full", "zeros", "ones", "arange", "asarray"):
         setattr(cp, name, _on_device(getattr(cp, name)))
     cp.ascontiguousarray = lambda a, dtype=None: np.require(a, dtype, "C")  # keeps the type, copies only when needed
     cp.ndarray = DeviceArray
-    monkeypatch.setattr(cuda, "_cupy", None)
-    monkeypatch.setitem(sys.modules, "cupy", cp)
-    monkeypatch.setattr(cuda, "_modules", {})
-    monkeypatch.setattr(cuda, "_functions", {})
     monkeypatch.setattr(cuda, "POISON", False)
     return cp
 
@@ -106,9 +101,9 @@ def uploads(cfg, where):
 
 
 def _counts(path, label):
-    options, per_layer = gpu_check.PLACEMENTS[label]
+    options, per_layer = gpu_counts.PLACEMENTS[label]
     with lowmoe.Engine.from_pretrained(path, device="cuda", **options) as e:
-        per_step = gpu_check.decode_counts(e, PROMPT, STEPS)
+        per_step = gpu_counts.decode_counts(e, PROMPT, STEPS)
         cfg, where = e.config, e.model.where
     assert len(per_step) == STEPS and all(n == per_step[0] for n in per_step), per_step  # every step alike
     n = per_step[0]
@@ -143,7 +138,7 @@ def test_launches_per_token_on_every_architecture(host_gpu, test_models):
 def test_layout_model_counts(host_gpu, tmp_path):
     """gpu_check's Qwen3-30B-A3B layout model loads and counts as derived (128 experts, top 8,
     separate lm_head), here with 2 layers instead of 48 to stay fast on the stand-in."""
-    path = gpu_check.make_layout_model(str(tmp_path / "layout"), layers=2)
+    path = gpu_counts.make_layout_model(str(tmp_path / "layout"), layers=2)
     cfg, where, n = _counts(path, "resident")
     assert (cfg.num_experts, cfg.top_k, len(cfg.moe_layers), cfg.tie_word_embeddings) == (128, 8, 2, False)
     assert n == dict(launches=launches(cfg, where), cupy=0, uploads=1, syncs=1)
@@ -163,7 +158,7 @@ def test_counting_counts_this_thread_and_restores_what_it_wrapped(host_gpu):
 
     dev = Dev()
     launch, asnumpy = cuda._launch, host_gpu.asnumpy
-    with gpu_check.counting(dev) as n:
+    with gpu_counts.counting(dev) as n:
         cuda.to_host(cuda.to_device(np.ones(3, np.float32)))
         dev.synchronize()
         reader = threading.Thread(target=lambda: (dev.synchronize(), host_gpu.asnumpy(host_gpu.zeros(1))))
