@@ -15,7 +15,7 @@ from .load.model import dense_weights, open_model
 from .load.weights import to_device
 from .model import KVCache, Model
 from .predict.history import History
-from .predict.learned import FILENAME as LEARNED_FILE
+from .predict.learned import predictor_file
 from .predict.learned import Learned
 from .predict.nextgate import NextGate
 from .predict.oracle import Oracle
@@ -60,8 +60,8 @@ def load_tokenizer(model_dir):
 
 def make_predictor(name, cfg, dense, model_dir, oracle_trace=None, lookahead=1):
     """name None: "pregate" when the checkpoint ships pre-gate heads, else "learned" when the
-    model folder has a fitted predictor file, else "nextgate"."""
-    learned = os.path.join(model_dir, LEARNED_FILE)
+    model has a fitted predictor file (learned.predictor_file), else "nextgate"."""
+    learned = predictor_file(model_dir)
     if name is None:
         name = "pregate" if has_heads(dense) else "learned" if os.path.isfile(learned) else "nextgate"
     if name == "oracle":
@@ -92,9 +92,8 @@ class Engine:
 
     @classmethod
     def from_pretrained(cls, path=DEFAULT_MODEL, device="cpu", **options):
-        """path: a Hugging Face model folder, or a GGUF file (`name.gguf`, or the first of its splits;
-        so far with f32/f16/bf16 experts; the tokenizer from its metadata, or a tokenizer.json beside
-        it). Options (each also a SHARPI_* variable, see SHARPI_ENV.md): expert_cache ("1.5GiB",
+        """path: a Hugging Face model folder, a GGUF file (`name.gguf`, or the first of its splits; the
+        tokenizer from its metadata, or a tokenizer.json beside it), or a folder `lowmoe pack` wrote. Options (each also a SHARPI_* variable, see SHARPI_ENV.md): expert_cache ("1.5GiB",
         "25%", "min"; default: every expert resident), storage ("checkpoint", "packed", "ram"),
         predictor ("pregate", "learned", "nextgate", "history", "none"; default: pregate if the
         checkpoint ships pre-gate heads, else learned if the model folder has

@@ -30,9 +30,10 @@ __device__ __forceinline__ float to_f32(Half w) {
 }
 __device__ __forceinline__ float to_f32(BFloat w) { return __uint_as_float((unsigned)w.bits << 16); }
 
-// A 16-byte load holds 4 f32 or 8 f16/bf16 weights.
-template <typename W> struct Vec { static const int N = 16 / sizeof(W); };
-
+// How a row of weights of element type W is read: Weights<W>::units(n) array elements hold a row of
+// n weights; load(row, e0, n, vec, w) gives the VN weights e0, e0 + 1, ... as f32, by one 16-byte load
+// when vec(row, n) (4 f32 or 8 f16/bf16), element by element otherwise (odd shapes: past n, 0).
+// blocks.cuh specialises it for the GGUF block formats.
 __device__ __forceinline__ void unpack(uint4 v, float f[4], float) {
     f[0] = __uint_as_float(v.x); f[1] = __uint_as_float(v.y);
     f[2] = __uint_as_float(v.z); f[3] = __uint_as_float(v.w);
@@ -49,6 +50,23 @@ __device__ __forceinline__ void unpack(uint4 v, float f[8], H) {
         f[2 * i + 1] = to_f32(hi);
     }
 }
+
+template <typename W>
+struct Weights {
+    static const int VN = 16 / sizeof(W);
+    __device__ static __forceinline__ long long units(int n) { return n; }
+    __device__ static __forceinline__ bool vec(const W* row, int n) {
+        return n % VN == 0 && ((unsigned long long)row & 15) == 0;
+    }
+    __device__ static __forceinline__ void load(const W* row, int e0, int n, bool vec, float w[VN]) {
+        if (vec) {
+            unpack(((const uint4*)row)[e0 / VN], w, W());
+            return;
+        }
+#pragma unroll
+        for (int i = 0; i < VN; i++) w[i] = e0 + i < n ? to_f32(row[e0 + i]) : 0.0f;
+    }
+};
 
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
@@ -86,31 +104,27 @@ __device__ __forceinline__ float block_max(float v, float* scratch) {
 
 // One warp: lane-partial dot products of one weight row W[n] with NT activation rows xs[t] f32[n]
 // (t < nt; the rest are left 0), in the fixed order that lowmoe/backend/exact.py computes on the CPU
-// bit for bit: lane l keeps VN partials, partial i summing w[e] * x[e] for e = (32 v + l) VN + i,
+// bit for bit: lane l keeps VN = Weights<W>::VN partials (4 for f32 and the block formats, 8 for
+// f16 / bf16), partial i summing w[e] * x[e] for e = (32 v + l) VN + i,
 // v = 0, 1, ... in turn, each product and sum rounded on its own (__fmul_rn / __fadd_rn: no FMA);
 // then its VN partials are halved (a[i] += a[i + h], h = VN/2 .. 1). The caller reduces the lanes
 // with warp_sum (lane 0's xor butterfly is the CPU's halving of 32 lane sums). Each weight is
-// loaded once for all NT rows, 16 bytes per lane per step when the row is 16-byte aligned and n a
-// multiple of VN (the bandwidth path), element by element otherwise (odd shapes, same order).
+// loaded once for all NT rows (Weights<W>::load: 16 bytes per lane per step when the row is 16-byte
+// aligned and n a multiple of VN, the bandwidth path; element by element otherwise, same order).
 template <typename W, int NT>
 __device__ __forceinline__ void row_dot(const W* row, int n, const float* const xs[NT], int nt, float acc[NT]) {
     const int lane = threadIdx.x & 31;
-    const int VN = Vec<W>::N;
+    const int VN = Weights<W>::VN;
     float a[NT][VN];
 #pragma unroll
     for (int t = 0; t < NT; t++)
 #pragma unroll
         for (int i = 0; i < VN; i++) a[t][i] = 0.0f;
-    const bool vec = n % VN == 0 && ((unsigned long long)row & 15) == 0;
+    const bool vec = Weights<W>::vec(row, n);
     for (int v = lane; v * VN < n; v += 32) {
         const int e0 = v * VN;
         float w[VN];
-        if (vec) {
-            unpack(((const uint4*)row)[v], w, W());
-        } else {
-#pragma unroll
-            for (int i = 0; i < VN; i++) w[i] = e0 + i < n ? to_f32(row[e0 + i]) : 0.0f;
-        }
+        Weights<W>::load(row, e0, n, vec, w);
 #pragma unroll
         for (int t = 0; t < NT; t++) {
             if (t < nt) {

@@ -13,7 +13,8 @@
 //                       every product and sum rounded on its own (exact.combine on the CPU).
 // Per token, every result is bit for bit what decode (expert_gemv.cu) and lowmoe/backend/exact.py
 // compute: common.cuh's row_dot order does not depend on how many tokens share a weight load.
-// Layout: x f32[T, D]; stacked experts gate, up [E, I, D], down [E, D, I] as stored; w f32[T, k].
+// Layout: x f32[T, D]; stacked experts gate, up [E, I, D], down [E, D, I] as stored, expert e from
+// element e * gs (gate, up) and e * ds (down), as in expert_gemv.cu; w f32[T, k].
 // E is a layer's experts, or the GPU expert cache's slots (thousands: Qwen3-30B-A3B has 6144
 // experts in all), so nothing here is sized by E but global memory.
 // Launch: group kernels: 256 threads = 8 warps, one warp per weight row, grid (ceil(rows / 8),
@@ -25,7 +26,7 @@
 // (the 4 passes of 8 tokens over a 4 KB row hit L1/L2): 0.25 ms at 4.8 TB/s. 2 * 4096 * 3 * 768 *
 // 2048 = 39 GFLOP on CUDA-core FMAs (~60 TFLOP/s f32) is ~0.65 ms: compute bound; a tensor-core
 // tiled GEMM would be the next step for long prompts.
-#include "common.cuh"
+#include "blocks.cuh"
 
 // A counting sort in global memory, in offsets itself: offsets[e + 1] counts group e's entries,
 // the scan turns it into where group e starts, and as group e's cursor in the scatter it ends
@@ -70,13 +71,14 @@ extern "C" __global__ void moe_sort_i32(const int* idx, int n, int E, int* offse
 
 template <typename W>
 __device__ void moe_group_gate_up(const float* x, const int* order, const int* offsets, const W* gate, const W* up,
-                                  float* h, int k, int D, int I, int E) {
+                                  float* h, int k, int D, int I, int E, long long gs) {
     const int i = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (i >= I) return;
     const int NT = 8;
     for (long long e = blockIdx.y; e < E; e += gridDim.y) {
-        const W* grow = gate + (e * I + i) * D;
-        const W* urow = up + (e * I + i) * D;
+        const long long row = e * gs + i * Weights<W>::units(D);
+        const W* grow = gate + row;
+        const W* urow = up + row;
         for (int p0 = offsets[e]; p0 < offsets[e + 1]; p0 += NT) {
             const int nt = min(NT, offsets[e + 1] - p0);
             const float* xs[NT];
@@ -96,12 +98,12 @@ __device__ void moe_group_gate_up(const float* x, const int* order, const int* o
 
 template <typename W>
 __device__ void moe_group_down(const float* h, const int* order, const int* offsets, const W* down, float* y, int D, int I,
-                               int E) {
+                               int E, long long ds) {
     const int d = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (d >= D) return;
     const int NT = 8;
     for (long long e = blockIdx.y; e < E; e += gridDim.y) {
-        const W* row = down + (e * D + d) * I;
+        const W* row = down + e * ds + d * Weights<W>::units(I);
         for (int p0 = offsets[e]; p0 < offsets[e + 1]; p0 += NT) {
             const int nt = min(NT, offsets[e + 1] - p0);
             const float* xs[NT];
@@ -127,27 +129,91 @@ extern "C" __global__ void moe_combine_f32(const float* y, const float* w, float
     out[t * D + d] = acc;
 }
 
-extern "C" __global__ void moe_group_gate_up_f32(const float* x, const int* order, const int* offsets,
-                                             const float* gate, const float* up, float* h, int k, int D, int I, int E) {
-    moe_group_gate_up(x, order, offsets, gate, up, h, k, D, I, E);
+extern "C" __global__ void moe_group_gate_up_f32(const float* x, const int* order, const int* offsets, const float* gate,
+                                              const float* up, float* h, int k, int D, int I, int E, long long gs) {
+    moe_group_gate_up(x, order, offsets, gate, up, h, k, D, I, E, gs);
 }
-extern "C" __global__ void moe_group_down_f32(const float* h, const int* order, const int* offsets, const float* down, float* y,
-                                               int D, int I, int E) {
-    moe_group_down(h, order, offsets, down, y, D, I, E);
+extern "C" __global__ void moe_group_gate_up_f16(const float* x, const int* order, const int* offsets, const Half* gate,
+                                              const Half* up, float* h, int k, int D, int I, int E, long long gs) {
+    moe_group_gate_up(x, order, offsets, gate, up, h, k, D, I, E, gs);
 }
-extern "C" __global__ void moe_group_gate_up_f16(const float* x, const int* order, const int* offsets,
-                                             const Half* gate, const Half* up, float* h, int k, int D, int I, int E) {
-    moe_group_gate_up(x, order, offsets, gate, up, h, k, D, I, E);
+extern "C" __global__ void moe_group_gate_up_bf16(const float* x, const int* order, const int* offsets, const BFloat* gate,
+                                              const BFloat* up, float* h, int k, int D, int I, int E, long long gs) {
+    moe_group_gate_up(x, order, offsets, gate, up, h, k, D, I, E, gs);
 }
-extern "C" __global__ void moe_group_down_f16(const float* h, const int* order, const int* offsets, const Half* down, float* y,
-                                               int D, int I, int E) {
-    moe_group_down(h, order, offsets, down, y, D, I, E);
+extern "C" __global__ void moe_group_gate_up_q8_0(const float* x, const int* order, const int* offsets, const Q8_0* gate,
+                                              const Q8_0* up, float* h, int k, int D, int I, int E, long long gs) {
+    moe_group_gate_up(x, order, offsets, gate, up, h, k, D, I, E, gs);
 }
-extern "C" __global__ void moe_group_gate_up_bf16(const float* x, const int* order, const int* offsets,
-                                             const BFloat* gate, const BFloat* up, float* h, int k, int D, int I, int E) {
-    moe_group_gate_up(x, order, offsets, gate, up, h, k, D, I, E);
+extern "C" __global__ void moe_group_gate_up_q4_0(const float* x, const int* order, const int* offsets, const Q4_0* gate,
+                                              const Q4_0* up, float* h, int k, int D, int I, int E, long long gs) {
+    moe_group_gate_up(x, order, offsets, gate, up, h, k, D, I, E, gs);
 }
-extern "C" __global__ void moe_group_down_bf16(const float* h, const int* order, const int* offsets, const BFloat* down, float* y,
-                                               int D, int I, int E) {
-    moe_group_down(h, order, offsets, down, y, D, I, E);
+extern "C" __global__ void moe_group_gate_up_q4_1(const float* x, const int* order, const int* offsets, const Q4_1* gate,
+                                              const Q4_1* up, float* h, int k, int D, int I, int E, long long gs) {
+    moe_group_gate_up(x, order, offsets, gate, up, h, k, D, I, E, gs);
+}
+extern "C" __global__ void moe_group_gate_up_q5_0(const float* x, const int* order, const int* offsets, const Q5_0* gate,
+                                              const Q5_0* up, float* h, int k, int D, int I, int E, long long gs) {
+    moe_group_gate_up(x, order, offsets, gate, up, h, k, D, I, E, gs);
+}
+extern "C" __global__ void moe_group_gate_up_q5_1(const float* x, const int* order, const int* offsets, const Q5_1* gate,
+                                              const Q5_1* up, float* h, int k, int D, int I, int E, long long gs) {
+    moe_group_gate_up(x, order, offsets, gate, up, h, k, D, I, E, gs);
+}
+extern "C" __global__ void moe_group_gate_up_q4_k(const float* x, const int* order, const int* offsets, const Q4_K* gate,
+                                              const Q4_K* up, float* h, int k, int D, int I, int E, long long gs) {
+    moe_group_gate_up(x, order, offsets, gate, up, h, k, D, I, E, gs);
+}
+extern "C" __global__ void moe_group_gate_up_q5_k(const float* x, const int* order, const int* offsets, const Q5_K* gate,
+                                              const Q5_K* up, float* h, int k, int D, int I, int E, long long gs) {
+    moe_group_gate_up(x, order, offsets, gate, up, h, k, D, I, E, gs);
+}
+extern "C" __global__ void moe_group_gate_up_q6_k(const float* x, const int* order, const int* offsets, const Q6_K* gate,
+                                              const Q6_K* up, float* h, int k, int D, int I, int E, long long gs) {
+    moe_group_gate_up(x, order, offsets, gate, up, h, k, D, I, E, gs);
+}
+extern "C" __global__ void moe_group_down_f32(const float* h, const int* order, const int* offsets, const float* down,
+                                           float* y, int D, int I, int E, long long ds) {
+    moe_group_down(h, order, offsets, down, y, D, I, E, ds);
+}
+extern "C" __global__ void moe_group_down_f16(const float* h, const int* order, const int* offsets, const Half* down,
+                                           float* y, int D, int I, int E, long long ds) {
+    moe_group_down(h, order, offsets, down, y, D, I, E, ds);
+}
+extern "C" __global__ void moe_group_down_bf16(const float* h, const int* order, const int* offsets, const BFloat* down,
+                                           float* y, int D, int I, int E, long long ds) {
+    moe_group_down(h, order, offsets, down, y, D, I, E, ds);
+}
+extern "C" __global__ void moe_group_down_q8_0(const float* h, const int* order, const int* offsets, const Q8_0* down,
+                                           float* y, int D, int I, int E, long long ds) {
+    moe_group_down(h, order, offsets, down, y, D, I, E, ds);
+}
+extern "C" __global__ void moe_group_down_q4_0(const float* h, const int* order, const int* offsets, const Q4_0* down,
+                                           float* y, int D, int I, int E, long long ds) {
+    moe_group_down(h, order, offsets, down, y, D, I, E, ds);
+}
+extern "C" __global__ void moe_group_down_q4_1(const float* h, const int* order, const int* offsets, const Q4_1* down,
+                                           float* y, int D, int I, int E, long long ds) {
+    moe_group_down(h, order, offsets, down, y, D, I, E, ds);
+}
+extern "C" __global__ void moe_group_down_q5_0(const float* h, const int* order, const int* offsets, const Q5_0* down,
+                                           float* y, int D, int I, int E, long long ds) {
+    moe_group_down(h, order, offsets, down, y, D, I, E, ds);
+}
+extern "C" __global__ void moe_group_down_q5_1(const float* h, const int* order, const int* offsets, const Q5_1* down,
+                                           float* y, int D, int I, int E, long long ds) {
+    moe_group_down(h, order, offsets, down, y, D, I, E, ds);
+}
+extern "C" __global__ void moe_group_down_q4_k(const float* h, const int* order, const int* offsets, const Q4_K* down,
+                                           float* y, int D, int I, int E, long long ds) {
+    moe_group_down(h, order, offsets, down, y, D, I, E, ds);
+}
+extern "C" __global__ void moe_group_down_q5_k(const float* h, const int* order, const int* offsets, const Q5_K* down,
+                                           float* y, int D, int I, int E, long long ds) {
+    moe_group_down(h, order, offsets, down, y, D, I, E, ds);
+}
+extern "C" __global__ void moe_group_down_q6_k(const float* h, const int* order, const int* offsets, const Q6_K* down,
+                                           float* y, int D, int I, int E, long long ds) {
+    moe_group_down(h, order, offsets, down, y, D, I, E, ds);
 }

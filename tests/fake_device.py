@@ -36,7 +36,6 @@ from lowmoe.backend import exact
 from lowmoe.tier import cuda_device
 from lowmoe.tier.experts import _expert_out
 from lowmoe.tier.slots import aligned_empty
-from lowmoe.load.weights import FFN
 
 
 class Event:
@@ -152,8 +151,8 @@ class FakeDevice:
     def to_host(self, a):
         return a.copy()
 
-    def expert_sum(self, slab, u, idx, w, rows):
-        return FakeSum(self, slab, u, idx, w, rows)
+    def expert_sum(self, slab, u, idx, w, rows, layout):
+        return FakeSum(self, slab, u, idx, w, rows, layout)
 
     def check_group(self, slab, group):
         """The enqueue checks of the module docstring, for one group {expert: slot}; clears the
@@ -184,8 +183,8 @@ class FakeSum:
     choice), every row written exactly once, the rows summed in rank order. Kernels and the CPU's
     rows (an upload) are enqueued on the compute stream."""
 
-    def __init__(self, dev, slab, u, idx, w, rows):
-        self.dev, self.slab, self.u, self.idx, self.w, self.rows = dev, slab, u, idx, w, rows
+    def __init__(self, dev, slab, u, idx, w, rows, layout):
+        self.dev, self.slab, self.u, self.idx, self.w, self.rows, self.layout = dev, slab, u, idx, w, rows, layout
         self.y = np.full(idx.shape + u.shape[1:], np.nan, np.float32)  # f32[T, k, D]
         self.host_rows = 0  # experts whose rows came from the CPU
 
@@ -197,10 +196,8 @@ class FakeSum:
     def _kernel(self, group, reads):
         """On the compute thread: the group's rows from what its slots hold now."""
         self.dev.check_landed(reads)
-        sl = self.slab
         for e, s in group.items():
-            ffn = FFN(sl.gate[s], sl.up[s], sl.down[s], sl.layout.dtype)
-            self._put(e, _expert_out(exact.expert_rows, ffn, self.u, self.rows[e]))
+            self._put(e, _expert_out(exact.expert_rows, self.slab.ffn(s, self.layout), self.u, self.rows[e]))
         self.dev.check_landed(reads)  # and no copy started into them while it read them
 
     def add_rows(self, e, y):
@@ -232,5 +229,5 @@ class KernelDevice(FakeDevice):
         if stream is self.compute:
             self.synchronize(event)
 
-    def expert_sum(self, slab, u, idx, w, rows):
-        return cuda_device.SlotSum(self.cp, slab, u, idx, w)
+    def expert_sum(self, slab, u, idx, w, rows, layout):
+        return cuda_device.SlotSum(self.cp, slab, u, idx, w, layout)

@@ -1,7 +1,8 @@
 """An Engine on a GGUF file that llama.cpp's converter wrote (tests/data/gguf): the bf16 file of the
 Mixtral test checkpoint decodes exactly as the checkpoint does, and the Q8_0 and Q4_K_M ones as
 transformers does on their dequantized weights, with every expert resident and through the expert cache;
-`lowmoe decode FILE.gguf` and `lowmoe info FILE.gguf`."""
+`lowmoe decode FILE.gguf` and `lowmoe info FILE.gguf`; `lowmoe pack FILE.gguf OUT` and every
+expert-cache feature on the packed Q4_K_M model."""
 
 import os
 
@@ -55,24 +56,28 @@ def _dequantized_transformers(checkpoint, path):
         return torch.from_numpy(np.ascontiguousarray(a, np.float32))
 
     hf = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
-    c = hf.config
+    c, shapes = hf.config, {k: v.shape for k, v in hf.state_dict().items()}
     llama = c.model_type == "mixtral"  # the converter permutes q and k rows for llama only
     state = {"model.embed_tokens.weight": w("token_embd.weight"), "model.norm.weight": w("output_norm.weight")}
     state["lm_head.weight"] = w("output.weight") if "output.weight" in model.tensors else state["model.embed_tokens.weight"]
     for i in range(c.num_hidden_layers):
         p, b = f"model.layers.{i}.", f"blk.{i}."
-        if b + "attn_q_norm.weight" in model.tensors:
-            state.update({p + "self_attn.q_norm.weight": w(b + "attn_q_norm.weight"),
-                          p + "self_attn.k_norm.weight": w(b + "attn_k_norm.weight")})
-        state.update({p + "input_layernorm.weight": w(b + "attn_norm.weight"),
-                      p + "post_attention_layernorm.weight": w(b + "ffn_norm.weight"),
-                      p + "self_attn.q_proj.weight": w(b + "attn_q.weight", c.num_attention_heads if llama else None),
+        state.update({p + "self_attn.q_proj.weight": w(b + "attn_q.weight", c.num_attention_heads if llama else None),
                       p + "self_attn.k_proj.weight": w(b + "attn_k.weight", c.num_key_value_heads if llama else None),
-                      p + "self_attn.v_proj.weight": w(b + "attn_v.weight"),
-                      p + "self_attn.o_proj.weight": w(b + "attn_output.weight"),
-                      p + "mlp.gate.weight": w(b + "ffn_gate_inp.weight"),
-                      p + "mlp.experts.gate_up_proj": torch.cat([w(b + "ffn_gate_exps.weight"), w(b + "ffn_up_exps.weight")], 1),
-                      p + "mlp.experts.down_proj": w(b + "ffn_down_exps.weight")})
+                      p + "mlp.experts.gate_up_proj": torch.cat([w(b + "ffn_gate_exps.weight"), w(b + "ffn_up_exps.weight")], 1)})
+        for hf_name, name in (("input_layernorm.weight", "attn_norm.weight"),
+                              ("post_attention_layernorm.weight", "ffn_norm.weight"),
+                              ("self_attn.v_proj.weight", "attn_v.weight"), ("self_attn.o_proj.weight", "attn_output.weight"),
+                              ("self_attn.q_norm.weight", "attn_q_norm.weight"), ("self_attn.k_norm.weight", "attn_k_norm.weight"),
+                              ("self_attn.q_proj.bias", "attn_q.bias"), ("self_attn.k_proj.bias", "attn_k.bias"),
+                              ("self_attn.v_proj.bias", "attn_v.bias"), ("mlp.gate.weight", "ffn_gate_inp.weight"),
+                              ("mlp.experts.down_proj", "ffn_down_exps.weight"),
+                              ("mlp.shared_expert.gate_proj.weight", "ffn_gate_shexp.weight"),
+                              ("mlp.shared_expert.up_proj.weight", "ffn_up_shexp.weight"),
+                              ("mlp.shared_expert.down_proj.weight", "ffn_down_shexp.weight"),
+                              ("mlp.shared_expert_gate.weight", "ffn_gate_inp_shexp.weight")):
+            if b + name in model.tensors:
+                state[p + hf_name] = w(b + name).reshape(shapes[p + hf_name])
     assert set(state) == set(hf.state_dict())
     hf.load_state_dict(state)
     return hf
@@ -101,12 +106,6 @@ def test_a_quantized_file_decodes_as_transformers_on_its_dequantized_weights(tes
     assert cached == tokens and np.array_equal(cached_logits, logits)
 
 
-def test_quantized_experts_on_the_gpu_are_a_one_line_error(host_gpu):
-    """On the CPU stand-in for the GPU: the GPU kernels take float weights only, so far."""
-    with pytest.raises(lowmoe.DeviceError, match="weights in the GGUF format q8_0 run on the CPU only"):
-        lowmoe.Engine.from_pretrained(os.path.join(DATA, "mixtral_bf16_sharded-q8_0.gguf"), device="cuda")
-
-
 def test_info_shows_a_gguf_files_formats_and_bytes_per_expert(capsys):
     import json
 
@@ -130,3 +129,90 @@ def test_bench_on_a_q8_0_file(capsys):
                 "--strategies", "none,reactive,nextgate,history,oracle", "--context-cache", "none", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)["strategies"]
     assert result["oracle"]["topk_recall"] == 1.0 and result["reactive"]["cache_hit_rate"] < 1
+
+
+Q4_K_M = os.path.join(DATA, "default-q4_k_m.gguf")  # the bundled model's: experts' down format varies by layer
+
+
+@pytest.fixture(scope="module")
+def packed_q4_k_m(tmp_path_factory):
+    """`lowmoe pack` of the bundled model's Q4_K_M, with a learned predictor fitted on the file beside it
+    (copied into the packed folder)."""
+    tmp = tmp_path_factory.mktemp("packed_gguf")
+    src = tmp / "default-q4_k_m.gguf"
+    src.write_bytes(open(Q4_K_M, "rb").read())
+    assert cli(["train-predictor", str(src), "--tokens", "64"]) == 0
+    assert (tmp / "default-q4_k_m.moe_predictor.safetensors").is_file()
+    assert cli(["pack", str(src), str(tmp / "packed")]) == 0
+    return str(src), str(tmp / "packed")
+
+
+def test_pack_keeps_a_gguf_files_bytes(packed_q4_k_m):
+    """dense.gguf, read by gguf's own GGUFReader: the file's metadata and its non-expert tensors, bytes
+    as they were; experts.bin: each expert's slices of the stacked tensors, back to back, then zeros."""
+    gguf = pytest.importorskip("gguf")
+    from lowmoe.tier.slots import aligned_empty
+    from lowmoe.tier.store import PackedStore
+
+    src, packed = packed_q4_k_m
+    a, b = gguf.GGUFReader(src), gguf.GGUFReader(os.path.join(packed, "dense.gguf"))
+    assert {k: a.fields[k].contents() for k in a.fields if not k.startswith("GGUF.")} == \
+           {k: b.fields[k].contents() for k in b.fields if not k.startswith("GGUF.")}
+    dense = {t.name: t for t in a.tensors if "_exps." not in t.name}
+    assert [t.name for t in b.tensors] == list(dense)
+    for t in b.tensors:
+        assert t.tensor_type == dense[t.name].tensor_type and np.array_equal(t.data, dense[t.name].data), t.name
+    model, store = GGUF(src), PackedStore(packed)
+    for layer in store.layers:
+        L = store.layout.of(layer)
+        for e in (0, store.experts - 1):
+            block = aligned_empty(store.layout.block)  # O_DIRECT reads need an aligned buffer
+            store.read(layer, e, block)
+            want = [model.read(f"blk.{layer}.ffn_{r}_exps.weight").reshape(store.experts, -1)[e] for r in ("gate", "up", "down")]
+            assert np.array_equal(block[: L.nbytes], np.concatenate(want)) and not block[L.nbytes :].any()
+    store.close()
+
+
+@pytest.mark.parametrize("options", [dict(expert_cache="25%", predictor="nextgate"),
+                                     dict(expert_cache="25%", predictor="learned"),
+                                     dict(expert_cache="min", predictor="history", lookahead=2),
+                                     dict(expert_cache="50%", predictor="none", readers=2), dict(storage="ram"), {}])
+def test_a_packed_q4_k_m_model_decodes_as_its_file(packed_q4_k_m, options):
+    src, packed = packed_q4_k_m
+    with lowmoe.Engine.from_pretrained(src) as e:
+        want_logits, want = _run(e)
+    with lowmoe.Engine.from_pretrained(packed, **options) as e:
+        logits, tokens = _run(e)
+        if "expert_cache" in options:
+            assert e.model.where == "slots" and e.model.experts.stats()["misses"] > 0
+    assert tokens == want and np.array_equal(logits, want_logits)
+
+
+def test_a_gguf_files_learned_predictor_is_found_beside_it(packed_q4_k_m):
+    from lowmoe.predict.learned import Learned
+
+    src, packed = packed_q4_k_m
+    for path in (src, packed):
+        with lowmoe.Engine.from_pretrained(path, expert_cache="25%") as e:
+            assert isinstance(e.model.predictor, Learned), path
+
+
+def test_bench_on_a_packed_q4_k_m_model(packed_q4_k_m, capsys):
+    """Every strategy, the learned predictor's too, decodes the resident run's tokens (the bench
+    refuses otherwise)."""
+    import json
+
+    _, packed = packed_q4_k_m
+    assert cli(["bench", packed, "--context", "16", "--new-tokens", "4", "--repeats", "1", "--expert-cache", "25%",
+                "--context-cache", "none", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)["strategies"]
+    assert {"none", "reactive", "nextgate", "learned", "history", "oracle"} <= set(result)
+    assert result["oracle"]["topk_recall"] == 1.0 and result["reactive"]["cache_hit_rate"] < 1
+
+
+def test_pre_gate_heads_are_not_written_into_a_gguf_model(packed_q4_k_m, tmp_path, capsys):
+    src, packed = packed_q4_k_m
+    for model in (src, packed):
+        assert cli(["train-predictor", model, "--kind", "pregate", "--write-into", str(tmp_path / "copy")]) == 2
+        err = capsys.readouterr().err
+        assert "not a GGUF model" in err and len(err.strip().splitlines()) == 1

@@ -57,8 +57,8 @@ def fake_copies(host_gpu, monkeypatch):
         def copy(self, dst, src, stream):
             np.copyto(dst, src)
 
-        def expert_sum(self, slab, u, idx, w, rows):
-            return cuda_device.SlotSum(host_gpu, slab, u, idx, w)
+        def expert_sum(self, slab, u, idx, w, rows, layout):
+            return cuda_device.SlotSum(host_gpu, slab, u, idx, w, layout)
 
     monkeypatch.setattr(placement, "CupyDevice", Device)
 

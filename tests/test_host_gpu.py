@@ -25,6 +25,7 @@ import gpu_check  # noqa: E402  (tools/, for its float64 references and cases)
 # thread is a fiber here, and a context switch per barrier makes the largest shapes take minutes.
 MAX_WORK = 3 << 20
 PROMPT = [5, 17, 300, 42, 9, 77, 100, 3]  # ids inside the test models' 384-token vocabulary
+GGUF = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "gguf")
 
 
 def _work(name, case):
@@ -55,20 +56,29 @@ def test_kernel_against_float64(host_gpu, name):
     assert ran >= 2
 
 
-@pytest.mark.parametrize("dtype", ["f32", "f16", "bf16"])
-@pytest.mark.parametrize("E,I,D,k,T,skip", [(4, 48, 64, 2, 1, False), (6, 37, 53, 3, 3, False),
-                                            (3, 40, 264, 2, 4, True)])
+_FLOAT_SHAPES = [(4, 48, 64, 2, 1, False), (6, 37, 53, 3, 3, False), (3, 40, 264, 2, 4, True)]
+# Block formats: rows a multiple of 256 (of 32: q8_0 ... q5_1), a partial second pass of the warp
+# (D 768 = 512 + 256), formats mixed as llama.cpp's Q4_K_M mixes them.
+_BLOCK_SHAPES = [(4, 256, 256, 2, 1, False), (3, 256, 768, 2, 3, True)]
+
+
+@pytest.mark.parametrize("dtype,E,I,D,k,T,skip",
+                         [(d, *s) for d in ("f32", "f16", "bf16") for s in _FLOAT_SHAPES]
+                         + [(d, *s) for d in gpu_check.BLOCKS for s in _BLOCK_SHAPES]
+                         + [(("q4_k", "q4_k", "q6_k"), 3, 256, 512, 2, 2, False),
+                            (("q8_0", "q8_0", "q5_0"), 3, 96, 256, 2, 2, False)])
 def test_expert_kernels_compute_exact_bits(host_gpu, dtype, E, I, D, k, T, skip):
     """Decode (one token at a time) and grouped prefill: every row bit for bit exact.expert_rows, the
     combine exact.combine; entries idx < 0 leave their rows untouched. Shapes: under one 16-byte
     load per lane, odd sizes (the element path), more than one pass of the warp with a partial last
-    one (264 = 256 + 8 weights)."""
+    one (264 = 256 + 8 weights); the GGUF block formats, one or mixed."""
     from lowmoe.backend import exact
 
     g = np.random.default_rng([E, I, D, k, T])
     x = (g.standard_normal((T, D)) * 3).astype(np.float32)
-    gate, up = (gpu_check.weights(g, (E, I, D), dtype, 1 / np.sqrt(D))[0] for _ in range(2))
-    down = gpu_check.weights(g, (E, D, I), dtype, 1 / np.sqrt(I))[0]
+    fg, fu, fd = dtype if isinstance(dtype, tuple) else (dtype,) * 3
+    gate, up = (gpu_check.weights(g, (E, I, D), f, 1 / np.sqrt(D))[0] for f in (fg, fu))
+    down = gpu_check.weights(g, (E, D, I), fd, 1 / np.sqrt(I))[0]
     idx = np.stack([g.choice(E, k, replace=False) for _ in range(T)]).astype(np.int32)
     if skip:
         idx[::2, 0] = -1
@@ -115,22 +125,33 @@ def test_gpu_decoder_matches_the_cpu_on_every_architecture(host_gpu, test_models
         _same_as_cpu(path)
 
 
-def test_gpu_expert_cache_is_bit_identical_to_resident_experts(host_gpu, monkeypatch):
+def test_gpu_decoder_matches_the_cpu_on_gguf_files(host_gpu):
+    """llama.cpp's files computed in their block formats by the CUDA kernels: the Q4_K_M of the Mixtral
+    test checkpoint, and the bundled model's (Q4_K, Q6_K, Q8_0 and Q5_0, the experts' down format
+    varying by layer). (Every format's kernels: test_expert_kernels_compute_exact_bits and
+    tools/gpu_check's cases.)"""
+    for name in ("mixtral_bf16_sharded-q4_k_m", "default-q4_k_m"):
+        _same_as_cpu(os.path.join(GGUF, f"{name}.gguf"))
+
+
+@pytest.mark.parametrize("model", ["bundled", "default-q4_k_m.gguf"])
+def test_gpu_expert_cache_is_bit_identical_to_resident_experts(host_gpu, monkeypatch, model):
     """The slots path's kernels over slot ids, grouped or not, rows computed on the CPU for misses
-    (exact.py), and CPU-MoE (exact.py for every expert): the resident GPU run's bits."""
+    (exact.py), and CPU-MoE (exact.py for every expert): the resident GPU run's bits. Also for the
+    bundled model's Q4_K_M, whose layers' experts differ in size: slots sized for the largest."""
     from fake_device import KernelDevice
 
     from lowmoe.tier import placement
 
+    path = lowmoe.DEFAULT_MODEL if model == "bundled" else os.path.join(GGUF, model)
     # Copies slower than reads: misses find them in flight.
     monkeypatch.setattr(placement, "CupyDevice", lambda: KernelDevice(host_gpu, delay_s=0.01, seed=4))
-    with lowmoe.Engine.from_pretrained(device="cuda") as e:
+    with lowmoe.Engine.from_pretrained(path, device="cuda") as e:
         want, want_logits, _ = _run(e)
-    for options, where in ((dict(expert_cache="25%", miss_policy="wait"), "slots"),
-                           (dict(expert_cache="min", miss_policy="wait"), "slots"),
-                           (dict(expert_cache="25%", miss_policy="cpu", predictor="none"), "slots"),
-                           (dict(cpu_moe=True), "host")):
-        with lowmoe.Engine.from_pretrained(device="cuda", cpu_moe=options.pop("cpu_moe", False), **options) as e:
+    runs = ((dict(expert_cache="25%", miss_policy="wait"), "slots"), (dict(expert_cache="min", miss_policy="wait"), "slots"),
+            (dict(expert_cache="25%", miss_policy="cpu", predictor="none"), "slots"), (dict(cpu_moe=True), "host"))
+    for options, where in runs if model == "bundled" else runs[2:]:  # the stand-in's block kernels are slow
+        with lowmoe.Engine.from_pretrained(path, device="cuda", cpu_moe=options.pop("cpu_moe", False), **options) as e:
             got, logits, stats = _run(e)
             assert e.model.where == where
             on_cpu = getattr(e.model.experts, "tier", None) and e.model.experts.tier.on_cpu

@@ -37,18 +37,23 @@ def test_kernel_table_lists_every_global_and_nothing_else():
     assert found == {name: set(fns) for name, fns in cuda.KERNELS.items()}
     for name, fns in cuda.KERNELS.items():
         assert len(set(fns)) == len(fns), name
-        assert all(re.fullmatch(r"[a-z_0-9]+_(f32|f16|bf16|i32)", fn) for fn in fns), fns  # <op>_<dtype>
+        assert all(re.fullmatch(rf"[a-z_0-9]+_({'|'.join(cuda._DT)}|i32)", fn) for fn in fns), fns  # <op>_<dtype>
 
 
 def test_source_keeps_line_numbers():
-    # Compiler errors name native/<file>.cu and the right line: after its #line directive the
-    # compiled text is the file, line for line (the include becomes an empty line).
-    for name, text in _sources().items():
-        src = cuda.source(name)
-        body = src.split(f'#line 1 "native/{name}"\n', 1)[1]
-        want = [("" if line == f'#include "{cuda.HEADER}"' else line) for line in text.split("\n")]
-        assert body.split("\n") == want, name
-        assert src.count("#include") == 0
+    # Compiler errors name the right file of native/ and the right line: after each #line directive
+    # the compiled text is that file, line for line (its includes become empty lines), each header
+    # once, before what includes it.
+    for name in _sources():
+        parts = re.split(r'^#line 1 "native/([\w.]+)"\n', cuda.source(name), flags=re.M)
+        assert parts[0] == "" and parts[-2] == name, name
+        files = parts[1::2]
+        assert len(set(files)) == len(files) and cuda.HEADER in files, name
+        for f, body in zip(files, parts[2::2]):
+            text = open(os.path.join(cuda.NATIVE, f), encoding="utf-8").read()
+            want = ["" if line.startswith("#include") else line for line in text.split("\n")]
+            assert body.split("\n")[: len(want)] == want and set(body.split("\n")[len(want) :]) <= {""}, (name, f)
+        assert "#include" not in cuda.source(name)
 
 
 def _global_functions(cubin):
@@ -175,7 +180,8 @@ def test_device_options():
 
 # ------------------------- every launch against its kernel's C signature, with NumPy as CuPy
 
-_PARAM_DTYPE = {"float": np.float32, "Half": np.uint16, "BFloat": np.uint16, "int": np.int32, "long long": np.int64}
+_PARAM_DTYPE = {"float": np.float32, "Half": np.uint16, "BFloat": np.uint16, "int": np.int32, "long long": np.int64,
+                **{f.upper(): np.uint8 for f in cuda._BLOCKS}}  # native/blocks.cuh: Q8_0 ... Q6_K
 
 
 def _signatures():
@@ -219,12 +225,16 @@ class _Launches:
 
 
 def _models(request):
-    """The bundled model (bf16) and, with torch and transformers, every transformers-made one."""
+    """The bundled model (bf16), its Q4_K_M and the Mixtral test checkpoint's Q8_0 and Q4_K_M from
+    llama.cpp, and, with torch and transformers, every transformers-made checkpoint."""
     try:
         made = list(request.getfixturevalue("test_models").values())
     except pytest.skip.Exception:
         made = []
-    return [lowmoe.DEFAULT_MODEL] + made, bool(made)
+    gguf = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "gguf")
+    files = [os.path.join(gguf, f) for f in ("default-q4_k_m.gguf", "mixtral_bf16_sharded-q8_0.gguf",
+                                             "mixtral_bf16_sharded-q4_k_m.gguf")]
+    return [lowmoe.DEFAULT_MODEL] + files + made, bool(made)
 
 
 def test_every_launch_matches_its_kernel_signature(monkeypatch, request):
@@ -241,10 +251,36 @@ def test_every_launch_matches_its_kernel_signature(monkeypatch, request):
             assert len(engine.generate([3, 4, 5, 6], 3, stop_at_eos=False).tokens) == 3
             engine.logits([7])
     never = {fn for fns in cuda.KERNELS.values() for fn in fns} - set(launches.count)
-    if every_dtype:  # f32, f16 and bf16 checkpoints: every entry point ran
-        assert not never
+    blocks = tuple(f"_{b}" for b in cuda._BLOCKS)  # the GGUF files hold some of them: all are checked below
+    if every_dtype:  # f32, f16 and bf16 checkpoints: every float entry point ran
+        assert all(fn.endswith(blocks) for fn in never), never
     else:  # the bf16 bundled model alone: only the f32 / f16 weight variants may not have run
-        assert all(fn.endswith(("_f32", "_f16")) for fn in never), never
+        assert all(fn.endswith(("_f32", "_f16") + blocks) for fn in never), never
+    assert any(fn.endswith(blocks) for fn in launches.count)
+
+
+def test_block_format_launches_match_their_kernels(monkeypatch):
+    # Every GGUF block format through each op that takes weights (the decode and prefill expert
+    # kernels too), with the launches checked against the C signatures: every such entry point.
+    sys.path.insert(0, os.path.join(os.path.dirname(cuda.NATIVE), "tools"))
+    from gpu_check import weights
+
+    launches = _Launches()
+    _fresh_cupy(monkeypatch, numpy_cupy(launches.function))
+    monkeypatch.setattr(cuda, "_functions", {})
+    g = np.random.default_rng(0)
+    E, I, D, k = 4, 256, 512, 2
+    for fmt in cuda._BLOCKS:
+        w = weights(g, (3, D), fmt, 1.0)[0]
+        cuda.linear(np.zeros((2, D), np.float32), w, fmt, np.empty((2, 3), np.float32))
+        cuda.embed(np.array([0, 2]), w, fmt, np.empty((2, D), np.float32))
+        gate, up = (weights(g, (E, I, D), fmt, 1.0)[0] for _ in range(2))
+        down = weights(g, (E, D, I), fmt, 1.0)[0]
+        for T in (1, 3):
+            idx = np.zeros((T, k), np.int32)
+            cuda.expert_rows(np.zeros((T, D), np.float32), gate, up, down, fmt, idx, np.empty((T * k, D), np.float32))
+    want = {fn for fns in cuda.KERNELS.values() for fn in fns if fn.endswith(tuple(f"_{b}" for b in cuda._BLOCKS))}
+    assert want <= set(launches.count), want - set(launches.count)
 
 
 def test_gpu_expert_cache_launches_match_their_kernels(monkeypatch):

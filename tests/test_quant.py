@@ -11,10 +11,16 @@ zero (the seeds are fixed: no test is flaky). The worst-case bound n u is sqrt(n
 looser at n = 2048; this one catches a single weight off by half its value in 70-90% of rows.
 """
 
+import os
+import sys
+
 import numpy as np
 import pytest
 
 from lowmoe.backend import cpu, quant
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
+from gpu_check import random_blocks  # noqa: E402  (tools/: gpu_check makes the same blocks on a GPU)
 
 gq = pytest.importorskip("gguf.quants")
 from gguf import GGMLQuantizationType  # noqa: E402
@@ -23,27 +29,8 @@ FORMATS = list(quant.FORMATS)
 SMALL = ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1"]  # 32-element blocks; gguf can quantize these
 U = 2.0**-24
 LAM = 8.0
-# Byte offsets of the f16 fields in a block (ggml-common.h): d, and m / dmin where there is one.
-F16_AT = {"q8_0": [0], "q4_0": [0], "q4_1": [0, 2], "q5_0": [0], "q5_1": [0, 2], "q4_k": [0, 2], "q5_k": [0, 2],
-          "q6_k": [208]}
-
-
 def gguf_f32(raw, fmt):
     return gq.dequantize(raw, GGMLQuantizationType[fmt.upper()])
-
-
-def random_blocks(fmt, R, C, rng, scale=None):
-    """uint8 [R, C / E * B] of random bytes whose f16 fields are finite: any finite bit pattern
-    (subnormals and -0 included) when scale is None, else f16 of N(0, scale)."""
-    E, B = quant.FORMATS[fmt]
-    raw = rng.integers(0, 256, (R, C // E, B), dtype=np.uint8)
-    for o in F16_AT[fmt]:
-        if scale is None:
-            bits = rng.integers(0, 0x7C00, raw.shape[:2], dtype=np.uint16) | (rng.integers(0, 2, raw.shape[:2], dtype=np.uint16) << 15)
-        else:
-            bits = (rng.standard_normal(raw.shape[:2]) * scale).astype(np.float16).view(np.uint16)
-        raw[:, :, o : o + 2] = bits[..., None].view(np.uint8)
-    return raw.reshape(R, -1)
 
 
 def gamma(n):

@@ -73,8 +73,41 @@ def randn(g, *shape, scale=1.0):
     return (g.standard_normal(shape) * scale).astype(np.float32)
 
 
+# Byte offsets of the f16 fields of a GGUF block (ggml-common.h): d, and m / dmin where there is one.
+F16_AT = {"q8_0": [0], "q4_0": [0], "q4_1": [0, 2], "q5_0": [0], "q5_1": [0, 2], "q4_k": [0, 2], "q5_k": [0, 2],
+          "q6_k": [208]}
+# About the mean |weight| / |d| of random blocks (the quants times the sub-block scales).
+_BLOCK_GAIN = {"q8_0": 64, "q4_0": 4, "q4_1": 8, "q5_0": 8, "q5_1": 16, "q4_k": 240, "q5_k": 480, "q6_k": 1200}
+
+
+def random_blocks(fmt, R, C, rng, scale=None):
+    """uint8 [R, C / E * B]: rows of C weights in the GGUF block format `fmt`, random bytes whose f16
+    fields are finite: any finite bit pattern (subnormals and -0 included) when scale is None, else
+    f16 of N(0, scale)."""
+    from lowmoe.backend import quant
+
+    E, B = quant.FORMATS[fmt]
+    raw = rng.integers(0, 256, (R, C // E, B), dtype=np.uint8)
+    for o in F16_AT[fmt]:
+        if scale is None:
+            bits = rng.integers(0, 0x7C00, raw.shape[:2], dtype=np.uint16) | (rng.integers(0, 2, raw.shape[:2], dtype=np.uint16) << 15)
+        else:
+            bits = (rng.standard_normal(raw.shape[:2]) * scale).astype(np.float16).view(np.uint16)
+        raw[:, :, o : o + 2] = bits[..., None].view(np.uint8)
+    return raw.reshape(R, -1)
+
+
 def weights(g, shape, dtype, scale):
-    """(array as the kernels take it, exact float64 value of each element); never zero."""
+    """(array as the kernels take it, exact float64 value of each element); never zero for the float
+    dtypes. A GGUF block format: its bytes uint8 [..., rows, row bytes] (random blocks whose weights
+    are about `scale`), valued by quant.dequantize (bit for bit gguf's, tests/test_quant.py)."""
+    from lowmoe.backend import quant
+
+    if dtype in quant.FORMATS:
+        *lead, C = shape
+        R = int(np.prod(lead))
+        raw = random_blocks(dtype, R, C, g, scale / _BLOCK_GAIN[dtype])
+        return raw.reshape(*lead, -1), quant.dequantize(raw, dtype, (R, C)).astype(np.float64).reshape(shape)
     w = g.standard_normal(shape) * scale
     w[w == 0] = scale
     if dtype == "f32":
@@ -205,6 +238,11 @@ def check_experts(cuda, cp, g, dtype, E, I, D, k, T):
 
 
 DT = ("f32", "f16", "bf16")
+BLOCKS = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k")
+K_QUANTS = ("q4_k", "q5_k", "q6_k")  # 256-element blocks: rows a multiple of 256
+# Shapes for the block formats, (E, I, D, k, T) of the experts: rows a multiple of the block, one lane's
+# 4 weights in each sub-block, more than one pass of the warp (D 512), a Qwen3-30B-A3B layer.
+_BLOCK_EXPERTS = [(8, 256, 512, 2, 1), (16, 768, 2048, 8, 1), (4, 256, 256, 2, 5), (16, 768, 2048, 8, 40)]
 KERNEL_CASES = {
     "linear": (check_linear, [(d, *s) for d in DT for s in [(1, 37, 53), (1, 2048, 4096), (5, 64, 7), (17, 256, 300),
                                                              (1, 1, 1), (9, 1000, 333), (2, 4104, 129)]]),
@@ -221,6 +259,10 @@ KERNEL_CASES = {
     "expert_ffn prefill": (check_experts, [(d, *s) for d in DT for s in [(8, 48, 64, 2, 9), (16, 96, 256, 4, 33),
                                                                          (4, 37, 53, 3, 5), (1, 80, 64, 1, 7),
                                                                          (16, 768, 2048, 8, 40)]]),
+    "linear blocks": (check_linear, [(d, *s) for d in BLOCKS for s in [(1, 256, 53), (1, 2048, 4096), (9, 512, 333)]]
+                      + [(d, 1, 64, 7) for d in BLOCKS if d not in K_QUANTS]),
+    "embed blocks": (check_embed, [(d, *s) for d in BLOCKS for s in [(100, 256, 3), (50, 2048, 17)]]),
+    "expert_ffn blocks": (check_experts, [(d, *s) for d in BLOCKS for s in _BLOCK_EXPERTS]),
 }
 
 
@@ -245,10 +287,12 @@ def compare_exact(rep, cuda, cp):
     odd sizes (the element path), large activations (silu's exp far from 0)."""
     from lowmoe.backend import exact
 
-    for dtype in DT:
+    floats = [(8, 48, 64, 2, 1), (4, 37, 53, 2, 1), (16, 768, 2048, 8, 1), (8, 48, 64, 2, 9), (4, 37, 53, 3, 5),
+              (16, 768, 2048, 8, 40)]
+    for dtype in DT + BLOCKS:
         ok, worst = True, 0
-        for i, (E, I, D, k, T) in enumerate([(8, 48, 64, 2, 1), (4, 37, 53, 2, 1), (16, 768, 2048, 8, 1),
-                                             (8, 48, 64, 2, 9), (4, 37, 53, 3, 5), (16, 768, 2048, 8, 40)]):
+        shapes = floats if dtype in DT else _BLOCK_EXPERTS
+        for i, (E, I, D, k, T) in enumerate(shapes):
             g = np.random.default_rng([7, i])
             x = randn(g, T, D) * 4
             gate, up = (weights(g, (E, I, D), dtype, 1 / np.sqrt(D))[0] for _ in range(2))
@@ -270,7 +314,7 @@ def compare_exact(rep, cuda, cp):
                      f"combine {'same' if same_sum else 'DIFFERS'}")
             worst = max(worst, differ)
             ok = ok and differ == 0 and same_sum
-        rep.row(f"exact bits {dtype}", 6, f"{worst} values differ", ok)
+        rep.row(f"exact bits {dtype}", len(shapes), f"{worst} values differ", ok)
 
 
 # ------------------------------------------------------------------------ whole models

@@ -3,28 +3,31 @@
     ../shared/tools/llamacpp.sh DIR          # once: llama.cpp's source (DIR/src) and tools (DIR/bin)
     python tools/make_test_ggufs.py DIR [OUTDIR]
 
-The checkpoints are tools/make_test_models.py's (the same seeds, so the same weights), each given
-that script's word-level tokenizer where it has none (the converter needs a vocabulary), then
+The checkpoints are tools/make_test_models.py's (the same seeds, so the same weights): Mixtral,
+OLMoE and Qwen2-MoE (its variant whose every layer is sparse: the converter cannot express the
+Qwen MoE checkpoints' dense layers), each given a byte-level BPE tokenizer trained on a little
+text (the converter needs a vocabulary, and refuses a word-level one for OLMoE and Qwen2-MoE), then
 converted by `convert_hf_to_gguf.py --outtype bf16` and `--outtype q8_0` into
 OUTDIR/<variant>-<outtype>.gguf (OUTDIR defaults to tests/data/gguf), and the bf16 file quantized by
 `llama-quantize ... Q4_K_M` into OUTDIR/<variant>-q4_k_m.gguf (rows shorter than 256 weights fall
 back to the 32-weight formats, as in every Q4_K_M of an MoE's small matrices); and from the
 bundled model, its Q4_K_M (Q4_K, Q6_K, Q8_0 and Q5_0, the experts' down in Q8_0 or Q5_0 by layer)
 into OUTDIR/default-q4_k_m.gguf and the tokenizer metadata the converter writes, alone, into
-OUTDIR/default-tokenizer.gguf. So far Mixtral only: the
-converter cannot express the Qwen MoE checkpoints' dense layers, and it refuses the word-level
-tokenizer for OLMoE and Qwen2-MoE (without one it takes whatever tokenizer the machine has cached,
-which is no reproducible test file). The tests read the committed files; neither CI nor the tests
-need llama.cpp.
+OUTDIR/default-tokenizer.gguf. Last, llama.cpp's greedy continuation of a prompt by each
+quantized file (`llama-simple -n 32`), its bytes as it printed them, into OUTDIR/llama_greedy.json.
+The tests read the committed files; neither CI nor the tests need llama.cpp.
 """
 
+import json
 import os
 import subprocess
 import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VARIANTS = ("mixtral_bf16_sharded",)
+VARIANTS = ("mixtral_bf16_sharded", "olmoe_bf16", "qwen2_moe_bf16")
+GREEDY = "llama_greedy.json"
+PROMPT = "In the beginning God created the heaven and the earth."  # tokens inside every test vocabulary
 OUTTYPES = ("bf16", "q8_0")
 
 
@@ -33,14 +36,12 @@ def main(argv):
     src = os.path.join(llama, "src")
     sys.path.insert(0, os.path.join(ROOT, "tools"))
     import make_test_models
-    from transformers import AutoConfig
 
     os.makedirs(outdir, exist_ok=True)
     env = dict(os.environ, PYTHONPATH=os.path.join(src, "gguf-py"))
     with tempfile.TemporaryDirectory() as tmp:
         for name, path in make_test_models.make_models(tmp, list(VARIANTS)).items():
-            if not os.path.isfile(os.path.join(path, "tokenizer.json")):
-                make_test_models._write_tokenizer(path, AutoConfig.from_pretrained(path).vocab_size)
+            bpe_tokenizer(path)
             for outtype in OUTTYPES:
                 out = os.path.join(outdir, f"{name}-{outtype}.gguf")
                 _convert(src, env, path, outtype, out)
@@ -56,7 +57,33 @@ def main(argv):
         out = os.path.join(outdir, "default-q4_k_m.gguf")
         subprocess.run([os.path.join(llama, "bin", "llama-quantize"), bundled, out, "Q4_K_M"], check=True, capture_output=True)
         print(out, os.path.getsize(out))
+    greedy = {}
+    for f in sorted(os.listdir(outdir)):
+        if f.endswith(("-q8_0.gguf", "-q4_k_m.gguf")):
+            r = subprocess.run([os.path.join(llama, "bin", "llama-simple"), "-m", os.path.join(outdir, f), "-n", "32", PROMPT],
+                               capture_output=True, check=True)
+            assert r.stdout.startswith(PROMPT.encode()), (f, r.stdout[:200])
+            greedy[f] = r.stdout[len(PROMPT):].hex()  # the bytes of its 32 tokens' pieces, as printed
+    with open(os.path.join(outdir, GREEDY), "w", encoding="utf-8") as fh:
+        json.dump({"prompt": PROMPT, "tokens": 32, "continuation_hex": greedy}, fh, indent=1)
+        fh.write("\n")
     return 0
+
+
+def bpe_tokenizer(path):
+    """A byte-level BPE tokenizer.json in the checkpoint folder `path`, trained on PROMPT-like text,
+    with at most the model's vocab_size tokens (the converter pads the rest)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+        vocab = json.load(f)["vocab_size"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    text = [PROMPT, "And the earth was without form, and void; and darkness was upon the face of the deep."] * 20
+    tok.train_from_iterator(text, trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<|endoftext|>"], show_progress=False,
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.save(os.path.join(path, "tokenizer.json"))
 
 
 def _convert(src, env, path, outtype, out):

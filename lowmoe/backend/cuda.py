@@ -8,14 +8,16 @@ Each native/<file>.cu is compiled once, on first use, by `cupy.RawModule` (NVRTC
 that compiler errors name the .cu file and line; `#include "common.cuh"` is replaced by that
 header's text (with its own #line), which keeps CuPy's on-disk cache keyed on everything compiled.
 
-All activations are float32 C-contiguous CuPy arrays; weights are float32, or float16 / bfloat16
-bits as uint16 (as on the CPU). Every function only enqueues kernels on the current stream: none
+All activations are float32 C-contiguous CuPy arrays; weights are float32, float16 / bfloat16
+bits as uint16, or the block bytes of a GGUF format ("q8_0" ... "q6_k", native/blocks.cuh) as uint8,
+as on the CPU. Every function only enqueues kernels on the current stream: none
 waits for the GPU. CuPy is imported on first use, so this module imports without it (the tests read
 KERNELS on machines without a GPU).
 """
 
 import math
 import os
+import re
 
 import numpy as np
 
@@ -23,10 +25,12 @@ from ..errors import DeviceError
 
 NATIVE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "native")
 HEADER = "common.cuh"
+_INCLUDE = re.compile(r'^#include "(\w+\.cuh)"$', re.M)
 
 # The entry points Python launches, per source file. tests/test_native.py checks that each exists in
 # the compiled module and that no `extern "C" __global__` in native/ is missing from here.
-_DT = ("f32", "f16", "bf16")
+_BLOCKS = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k")  # quant.FORMATS, native/blocks.cuh
+_DT = ("f32", "f16", "bf16") + _BLOCKS
 KERNELS = {
     "embed.cu": tuple(f"embed_{d}" for d in _DT),
     "linear.cu": tuple(f"linear_{d}" for d in _DT),
@@ -38,8 +42,10 @@ KERNELS = {
     "expert_gemm.cu": ("moe_sort_i32", "moe_combine_f32") + tuple(f"moe_group_{op}_{d}" for op in ("gate_up", "down") for d in _DT),
 }
 
-# Weight dtype name -> the element dtype of the arrays passed in.
-_WDTYPE = {"f32": np.dtype(np.float32), "f16": np.dtype(np.uint16), "bf16": np.dtype(np.uint16)}
+# Weight dtype name -> the element dtype of the arrays passed in (a block format: its bytes).
+_WDTYPE = {"f32": np.dtype(np.float32), "f16": np.dtype(np.uint16), "bf16": np.dtype(np.uint16),
+           **dict.fromkeys(_BLOCKS, np.dtype(np.uint8))}
+_VN = {"f16": 8, "bf16": 8}  # weights per thread of embed (Weights<W>::VN): 4 for the others
 
 # Fill scratch buffers with NaN (ints with -1) instead of leaving them uninitialised, so that an
 # element a kernel forgets to write shows up in its result. For tools/gpu_check.py.
@@ -80,18 +86,25 @@ def cupy():
     return _cupy
 
 
-def source(name):
-    """The text compiled for native/<name>: the shared header inlined, #line directives kept exact."""
-    with open(os.path.join(NATIVE, HEADER), encoding="utf-8") as f:
-        header = f.read()
+def _read(name):
     with open(os.path.join(NATIVE, name), encoding="utf-8") as f:
-        body = f.read()
-    include = f'#include "{HEADER}"'
-    if include not in body:
-        return f'#line 1 "native/{name}"\n{body}'
-    # Same line count: the include line becomes empty, so line numbers in errors stay right.
-    return (f'#line 1 "native/{HEADER}"\n{header}\n#line 1 "native/{name}"\n'
-            + body.replace(include, "", 1))
+        return f.read()
+
+
+def source(name):
+    """The text compiled for native/<name>: the headers it includes (`#include "X.cuh"`, and theirs)
+    inlined first, each once, then the file; each part after a #line directive naming its file, and
+    each include line left empty, so that line numbers in compiler errors stay exact."""
+    order = []
+
+    def visit(f):
+        for h in _INCLUDE.findall(_read(f)):
+            if h not in order:
+                visit(h)
+                order.append(h)
+
+    visit(name)
+    return "\n".join(f'#line 1 "native/{f}"\n{_INCLUDE.sub("", _read(f))}' for f in order + [name])
 
 
 def kernel(name, fn):
@@ -148,15 +161,18 @@ def _sm_count():
 
 
 def embed(tokens, table, dtype, out):
-    """out f32[T, D] = float32(table[tokens]): tokens int64[T] (host or device); table [V, D]."""
+    """out f32[T, D] = float32(table[tokens]): tokens int64[T] (host or device); table [V, D] (a block
+    format: uint8 [V, row bytes])."""
     T, D = out.shape
     tokens = cupy().asarray(tokens, dtype=np.int64)
-    _launch("embed.cu", f"embed_{dtype}", (math.ceil(D / 256), T), 256, (tokens, _weights(table, dtype), out, np.int32(D)))
+    _launch("embed.cu", f"embed_{dtype}", (math.ceil(D / (256 * _VN.get(dtype, 4))), T), 256,
+            (tokens, _weights(table, dtype), out, np.int32(D)))
 
 
 def linear(x, w, dtype, out, bias=None):
-    """out f32[T, R] = x @ w.T + bias: x f32[T, D]; w [R, D]; bias f32[R], zeros when None (the
-    kernel always adds one; load/weights.to_device gives every matrix one)."""
+    """out f32[T, R] = x @ w.T + bias: x f32[T, D]; w [R, D] (a block format: uint8 [R, row bytes]);
+    bias f32[R], zeros when None (the kernel always adds one; load/weights.to_device gives every
+    matrix one)."""
     T, D = x.shape
     R = w.shape[0]
     if bias is None:
@@ -214,26 +230,35 @@ def router_topk(logits, k, renorm):
 def expert_rows(x, gate, up, down, dtype, idx, y):
     """y[t * k + j] = down_e @ (silu(gate_e @ x[t]) * (up_e @ x[t])), e = idx[t, j], in the fixed
     arithmetic that exact.expert_rows reproduces on the CPU; rows with idx < 0 are left as they are.
-    x f32[T, D]; gate, up [E, I, D], down [E, D, I] (a layer's experts stacked); idx int32[T, k] on the
-    device; y f32[T * k, D]. One token: the decode GEMVs; more: grouped by expert."""
+    x f32[T, D]; gate, up [E, I, D], down [E, D, I] (a layer's experts stacked; in a block format
+    uint8 [E, I, row bytes], [E, D, row bytes], an expert's rows packed from the start of its
+    [I, row bytes] or [D, row bytes], which may be larger: a slot of a GPU expert cache); dtype
+    one format, or (gate's, up's, down's) with gate's = up's; idx int32[T, k] on the device;
+    y f32[T * k, D]. One token: the decode GEMVs; more: grouped by expert."""
     T, D = x.shape
-    E, I, _ = gate.shape
+    E, I = gate.shape[:2]
     k = idx.shape[1]
-    gate, up, down = (_weights(a, dtype) for a in (gate, up, down))
+    g, u, d = dtype if isinstance(dtype, tuple) else (dtype,) * 3
+    if g != u or gate.shape != up.shape:
+        raise ValueError(f"expert gate and up differ in format ({g} {list(gate.shape)}, {u} {list(up.shape)})")
+    gate, up, down = _weights(gate, g), _weights(up, u), _weights(down, d)
+    gs, ds = np.int64(gate[0].size), np.int64(down[0].size)  # elements of one expert's stacked part
     if T == 1:
         h = buffer((k, I))
-        _launch("expert_gemv.cu", f"moe_gate_up_{dtype}", (math.ceil(I / 8), k), 256, (x, idx, gate, up, h, np.int32(D), np.int32(I)))
-        _launch("expert_gemv.cu", f"moe_down_{dtype}", (math.ceil(D / 8), k), 256, (h, idx, down, y, np.int32(D), np.int32(I)))
+        _launch("expert_gemv.cu", f"moe_gate_up_{g}", (math.ceil(I / 8), k), 256,
+                (x, idx, gate, up, h, np.int32(D), np.int32(I), gs))
+        _launch("expert_gemv.cu", f"moe_down_{d}", (math.ceil(D / 8), k), 256,
+                (h, idx, down, y, np.int32(D), np.int32(I), ds))
         return
     n = T * k
     offsets, order = buffer(E + 1, np.int32), buffer(n, np.int32)
     _launch("expert_gemm.cu", "moe_sort_i32", (1,), 1024, (idx, np.int32(n), np.int32(E), offsets, order))
     h = buffer((n, I))
     groups = min(E, 65535)  # grid.y's limit (E may be a GPU cache's slots): block y does groups y, y + 65535, ...
-    _launch("expert_gemm.cu", f"moe_group_gate_up_{dtype}", (math.ceil(I / 8), groups), 256,
-            (x, order, offsets, gate, up, h, np.int32(k), np.int32(D), np.int32(I), np.int32(E)))
-    _launch("expert_gemm.cu", f"moe_group_down_{dtype}", (math.ceil(D / 8), groups), 256,
-            (h, order, offsets, down, y, np.int32(D), np.int32(I), np.int32(E)))
+    _launch("expert_gemm.cu", f"moe_group_gate_up_{g}", (math.ceil(I / 8), groups), 256,
+            (x, order, offsets, gate, up, h, np.int32(k), np.int32(D), np.int32(I), np.int32(E), gs))
+    _launch("expert_gemm.cu", f"moe_group_down_{d}", (math.ceil(D / 8), groups), 256,
+            (h, order, offsets, down, y, np.int32(D), np.int32(I), np.int32(E), ds))
 
 
 def expert_combine(y, w, out):

@@ -16,6 +16,9 @@ f32, 8 for f16 / bf16), C = 32 * VN:
 silu(g) = g / (1 + exact_exp(-g)); an expert's row y = down @ (silu(gate @ x) * (up @ x)); the
 weighted sum out = ((0 + w0 * y0) + w1 * y1) + ... in rank order (the router's order).
 
+A GGUF block format's row is summed as the f32 row of its dequantized weights (quant._decode, bit
+for bit gguf's values), with VN = 4, as native/blocks.cuh does.
+
 The kernels are plain loops (no fastmath): LLVM may vectorise across the C independent partials,
 which keeps each one's order.
 """
@@ -26,6 +29,7 @@ import numba
 import numpy as np
 from numba import prange
 
+from . import quant
 from .cpu import _kernel_view, _to_f32
 
 _JIT = dict(nogil=True, cache=True)
@@ -144,12 +148,52 @@ def _down(h, down, VN, y):
                 y[t, d] = _dot(down[d], h[t], VN, a)
 
 
+@numba.njit(parallel=True, **_JIT)
+def _gate_up_q(x, gate, up, gcode, ucode, n, h):
+    # _gate_up for block formats: gate, up uint8[I, row bytes] of the formats quant._CODE gcode, ucode;
+    # each row decoded once into f32 (exact), then dotted with every token.
+    T, D = x.shape
+    I = gate.shape[0]
+    for task in prange((I + _ROWS - 1) // _ROWS):
+        a = np.empty(128, np.float32)
+        yg = np.empty(D, np.float32)
+        yu = np.empty(D, np.float32)
+        for i in range(task * _ROWS, min(I, (task + 1) * _ROWS)):
+            quant._decode(gate[i], gcode, n, yg)
+            quant._decode(up[i], ucode, n, yu)
+            for t in range(T):
+                g = _dot(yg, x[t], 4, a)
+                u = _dot(yu, x[t], 4, a)
+                h[t, i] = (g / (_ONE + exact_exp(-g))) * u
+
+
+@numba.njit(parallel=True, **_JIT)
+def _down_q(h, down, code, n, y):
+    # _down for a block format: down uint8[D, row bytes].
+    T, I = h.shape
+    D = down.shape[0]
+    for task in prange((D + _ROWS - 1) // _ROWS):
+        a = np.empty(128, np.float32)
+        yd = np.empty(I, np.float32)
+        for d in range(task * _ROWS, min(D, (task + 1) * _ROWS)):
+            quant._decode(down[d], code, n, yd)
+            for t in range(T):
+                y[t, d] = _dot(yd, h[t], 4, a)
+
+
 def expert_rows(x, gate, up, down, dtype, out):
     """out[t] = down @ (silu(gate @ x[t]) * (up @ x[t])) in the GPU kernels' arithmetic.
-    x f32[T, D]; gate, up [I, D]; down [D, I], float32 ("f32") or uint16 views of f16 / bf16 data;
+    x f32[T, D]; gate, up [I, D]; down [D, I], float32 ("f32") or uint16 views of f16 / bf16 data,
+    or the bytes of GGUF block formats (quant.FORMATS; dtype then one, or (gate's, up's, down's));
     out f32[T, D] is overwritten."""
-    VN = 4 if dtype == "f32" else 8
     h = np.empty((x.shape[0], gate.shape[0]), np.float32)
+    if isinstance(dtype, tuple) or dtype in quant.FORMATS:
+        g, u, d = dtype if isinstance(dtype, tuple) else (dtype,) * 3
+        D, I = x.shape[1], gate.shape[0]
+        _gate_up_q(x, gate, up, quant._code(gate, g, I, D), quant._code(up, u, I, D), quant._N, h)
+        _down_q(h, down, quant._code(down, d, D, I), quant._N, out)
+        return
+    VN = 4 if dtype == "f32" else 8
     _gate_up(x, _kernel_view(gate, dtype), _kernel_view(up, dtype), VN, h)
     _down(h, _kernel_view(down, dtype), VN, out)
 

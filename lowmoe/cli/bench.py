@@ -7,7 +7,7 @@ import sys
 
 
 def add_arguments(p):
-    p.add_argument("model", nargs="?", default=None, help="model folder (default: the bundled model)")
+    p.add_argument("model", nargs="?", default=None, help="model folder or GGUF file (default: the bundled model)")
     p.add_argument("--context", type=int, default=8192, help="context tokens before decoding (default 8192)")
     p.add_argument("--new-tokens", type=int, default=64, help="tokens decoded per run (default 64)")
     p.add_argument("--expert-cache", default="50%", metavar="BUDGET", help="cache budget (25%%, 1.5GiB, min; default 50%%)")
@@ -42,7 +42,7 @@ def main(args):
     from lowmoe.tier.budget import plan_cache
     from lowmoe.load.config import EngineConfig
     from lowmoe.errors import InputError
-    from lowmoe.predict.learned import FILENAME
+    from lowmoe.predict.learned import predictor_file
     from lowmoe.predict.pregate import has_heads
     from lowmoe.tier.store import is_packed
 
@@ -61,7 +61,7 @@ def main(args):
     resident = Engine.from_pretrained(model, storage=args.storage, device=args.device,
                                       cpu_moe=False if gpu else None)
     try:
-        learned = os.path.isfile(os.path.join(model, FILENAME))
+        learned = os.path.isfile(predictor_file(model))
         heads = has_heads(resident.model.w)
         if args.strategies is None:
             names = [s for s in STRATEGIES if (s != "learned" or learned) and (s != "pregate" or heads)]

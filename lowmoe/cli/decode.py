@@ -9,8 +9,8 @@ import time
 def add_arguments(p):
     p.add_argument(
         "positional", nargs="*", metavar="[MODEL] [PROMPT]",
-        help="model folder (default: the bundled model) and/or prompt text; a first argument that is "
-        "an existing folder or contains a path separator is the model",
+        help="model folder or GGUF file (default: the bundled model) and/or prompt text; a first argument "
+        "that is an existing folder, ends in .gguf or contains a path separator is the model",
     )
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", default=None, help="prompt text")
@@ -53,7 +53,8 @@ def add_engine_arguments(p):
     p.add_argument("--predictor", default=None,
                    choices=("pregate", "learned", "nextgate", "history", "oracle", "none"),
                    help="expert prediction that starts reads early (default: pregate if the checkpoint ships "
-                   "pre-gate heads, else learned if the model folder has moe_predictor.safetensors, else "
+                   "pre-gate heads, else learned if the model has a fitted predictor (MODEL/moe_predictor.safetensors; "
+                   "NAME.moe_predictor.safetensors beside NAME.gguf), else "
                    "nextgate; none: the reactive cache; oracle: replays --oracle-trace)")
     p.add_argument("--lookahead", type=int, default=None, choices=(1, 2),
                    help="MoE layers ahead that hints cover (default 1; nextgate and oracle can look 2 ahead)")

@@ -4,7 +4,7 @@ import time
 
 
 def add_arguments(p):
-    p.add_argument("model", help="model folder (config.json + *.safetensors)")
+    p.add_argument("model", help="model folder (config.json + *.safetensors) or GGUF file")
     p.add_argument("out", help="folder to create (absent or empty)")
 
 

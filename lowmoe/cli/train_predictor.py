@@ -7,7 +7,7 @@ import time
 
 
 def add_arguments(p):
-    p.add_argument("model", nargs="?", default=None, help="model folder (default: the bundled model)")
+    p.add_argument("model", nargs="?", default=None, help="model folder or GGUF file (default: the bundled model)")
     p.add_argument("--calib", default=None, metavar="TEXTFILE",
                    help="calibration text (UTF-8); default: text the model samples itself at temperature 1 "
                    "(real text from the model's domain predicts better)")
@@ -132,16 +132,20 @@ def write_heads(model, copy, heads):
 def main(args):
     from lowmoe import DEFAULT_MODEL, Engine
     from lowmoe.errors import InputError
-    from lowmoe.predict.learned import FILENAME, save
+    from lowmoe.load.model import DENSE_GGUF
+    from lowmoe.predict.learned import predictor_file, save
 
     model = args.model or DEFAULT_MODEL
     if args.tokens < 16:
         raise InputError(f"--tokens must be >= 16, got {args.tokens}")
     if (args.kind == "pregate") != (args.write_into is not None):
         raise InputError("--kind pregate and --write-into MODEL_COPY go together")
-    out = args.write_into or args.out or os.path.join(model, FILENAME)
-    if args.kind == "learned" and args.out is None and not os.access(model, os.W_OK):
-        raise InputError(f"{model}: folder is not writable; give --out FILE")
+    if args.kind == "pregate" and (model.endswith(".gguf") or os.path.isfile(os.path.join(model, DENSE_GGUF))):
+        raise InputError(f"{model}: pre-gate heads are written into a safetensors model copy, not a GGUF model; "
+                         "use --kind learned")
+    out = args.write_into or args.out or predictor_file(model)
+    if args.kind == "learned" and args.out is None and not os.access(os.path.dirname(os.path.abspath(out)), os.W_OK):
+        raise InputError(f"{os.path.dirname(os.path.abspath(out))}: folder is not writable; give --out FILE")
     t0 = time.perf_counter()
     with Engine.from_pretrained(model, expert_cache="100%", predictor="none") as engine:
         ids = None

@@ -146,3 +146,19 @@ class Checkpoint:
     def read_f32(self, name, shape=None):
         raw, dtype = self.read(name, shape)
         return to_f32(raw, dtype)
+
+
+CHUNK = 16 << 20  # bytes per read of copy_range
+
+
+def copy_range(src, offset, nbytes, out):
+    """Copies bytes offset..offset + nbytes of the file `src` into the open binary file `out`, a chunk
+    at a time (a tensor of any size in little memory)."""
+    with open(src, "rb") as f:
+        done = 0
+        while done < nbytes:
+            chunk = os.pread(f.fileno(), min(CHUNK, nbytes - done), offset + done)
+            if not chunk:
+                raise CheckpointError(f"{src}: short read at offset {offset + done}")
+            out.write(chunk)
+            done += len(chunk)

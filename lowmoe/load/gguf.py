@@ -97,8 +97,10 @@ class _Cursor:
         raise CheckpointError(f"{self.path}: metadata '{key}' has unknown value type {kind}")
 
 
-def read_file(path):
-    """-> (metadata dict, {name: TensorInfo}) of one GGUF file; CheckpointError on bad input."""
+def read_file(path, entries=None):
+    """-> (metadata dict, {name: TensorInfo}) of one GGUF file; CheckpointError on bad input.
+    `entries`, a list, receives (key, bytes) of each metadata entry as stored (key, value type and
+    value), in order: what a GGUF written from this one copies unchanged."""
     try:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
@@ -107,10 +109,10 @@ def read_file(path):
             data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
-    return _parse(path, _Cursor(path, memoryview(data)), size)
+    return _parse(path, _Cursor(path, memoryview(data)), size, entries)
 
 
-def _parse(path, c, size):
+def _parse(path, c, size, entries):
     if bytes(c.take(4, "the magic")) != MAGIC:
         raise CheckpointError(f"{path}: not a GGUF file (bad magic)")
     version = c.scalar("<I", "the version")
@@ -119,8 +121,11 @@ def _parse(path, c, size):
     n_tensors, n_kv = c.scalar("<Q", "the tensor count"), c.scalar("<Q", "the metadata count")
     meta = {}
     for _ in range(n_kv):
+        start = c.pos
         key = c.string("a metadata key")
         meta[key] = c.value(c.scalar("<I", f"metadata '{key}'"), key)
+        if entries is not None:
+            entries.append((key, bytes(c.data[start : c.pos])))
     infos = []
     for _ in range(n_tensors):
         name = c.string("a tensor name")
@@ -172,12 +177,12 @@ def split_files(path):
 
 
 class GGUF:
-    """A GGUF model, split or not: `metadata` (the first file's, without the split keys) and `tensors`
-    {name: TensorInfo} over every split."""
+    """A GGUF model, split or not: `files`, `metadata` (the first file's) and `tensors` {name:
+    TensorInfo} over every split."""
 
     def __init__(self, path):
         self.path = path
-        files = split_files(path)
+        self.files = files = split_files(path)
         self.metadata, self.tensors = read_file(files[0])
         for f in files[1:]:
             _, tensors = read_file(f)

@@ -160,18 +160,6 @@ def to_device(w, put, memo=None):
     return memo[id(w)]
 
 
-def formats(dense):
-    """Every weight format of the dense weights (the dtypes of their matrices and MLPs)."""
-    found = {dense.embed.dtype, dense.lm_head.dtype}
-    for layer in dense.layers:
-        a = layer.attn
-        found.update(m.dtype for m in (a.q, a.k, a.v, a.o, layer.router, layer.shared_gate) if m is not None)
-        for f in (layer.mlp, layer.shared):
-            if f is not None:
-                found.update(f.dtype if isinstance(f.dtype, tuple) else (f.dtype,))
-    return found
-
-
 def device_bytes(dense):
     """Bytes to_device allocates for the dense weights: every Matrix with an f32 bias (zeros when it
     has none), vectors f32, the shared embedding once, pre-gate heads not at all."""

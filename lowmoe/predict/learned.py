@@ -23,6 +23,15 @@ from . import next_moe_layers
 FILENAME = "moe_predictor.safetensors"
 
 
+def predictor_file(model):
+    """Where the learned predictor of `model` is kept: FILENAME in a model folder; beside a GGUF file,
+    NAME.moe_predictor.safetensors (of the first split for a split model), one per file, since a
+    folder often holds several quantizations of a model."""
+    if model.endswith(".gguf"):
+        return f"{model[: -len('.gguf')]}.{FILENAME}"
+    return os.path.join(model, FILENAME)
+
+
 def normalise(h, eps):
     """h f32[T, D] -> f32[T, D] with unit RMS per row."""
     return h / np.sqrt(np.mean(h * h, axis=1, keepdims=True) + np.float32(eps))

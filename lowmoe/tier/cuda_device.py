@@ -57,8 +57,8 @@ class CupyDevice:
     def to_host(self, a):
         return self.cp.asnumpy(a)
 
-    def expert_sum(self, slab, u, idx, w, rows):
-        return SlotSum(self.cp, slab, u, idx, w)
+    def expert_sum(self, slab, u, idx, w, rows, layout):
+        return SlotSum(self.cp, slab, u, idx, w, layout)
 
 
 class SlotSum:
@@ -66,10 +66,10 @@ class SlotSum:
     (the slabs stand in for the layer's stacked experts), each output in its row of y; rows the CPU
     computed are uploaded into theirs; cuda.expert_combine sums them in rank order. Every group
     size gives the bits of the resident experts' kernels. u f32[T, D] and w f32[T, k] on the
-    device, idx int64[T, k] expert ids on the host."""
+    device, idx int64[T, k] expert ids on the host; `layout` the layer's (its formats)."""
 
-    def __init__(self, cp, slab, u, idx, w):
-        self.cp, self.slab, self.u, self.idx, self.w = cp, slab, u, idx, w
+    def __init__(self, cp, slab, u, idx, w, layout):
+        self.cp, self.slab, self.u, self.idx, self.w, self.dtype = cp, slab, u, idx, w, layout.dtype
         self.y = cuda.buffer((idx.size, u.shape[1]))  # f32[T * k, D], row t * k + j
 
     def add(self, group):
@@ -78,7 +78,7 @@ class SlotSum:
         for e, s in group.items():
             slots[self.idx == e] = s
         sl = self.slab
-        cuda.expert_rows(self.u, sl.gate, sl.up, sl.down, sl.layout.dtype, self.cp.asarray(slots), self.y)
+        cuda.expert_rows(self.u, sl.gate, sl.up, sl.down, self.dtype, self.cp.asarray(slots), self.y)
 
     def add_rows(self, e, y):
         """y f32[n, D] on the host: expert e's output for the n tokens that chose it, in token order."""
@@ -114,5 +114,5 @@ def transfer_costs(dev, store, cfg, repeats=5):
         x = cp.asarray(cp.asnumpy(x))
         cp.cuda.get_current_stream().synchronize()
         trips.append(time.perf_counter() - t0)
-    return (3 * L.part / float(np.median(moves[1:])), 3 * L.part / float(np.median(copies[1:])),
+    return (L.nbytes / float(np.median(moves[1:])), L.nbytes / float(np.median(copies[1:])),
             float(np.median(trips[1:])))

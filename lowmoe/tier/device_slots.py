@@ -1,8 +1,10 @@
 """Expert slots on the GPU: the tier `OffloadedExperts` uses with device="cuda" and a VRAM budget.
 
 Memory: one preallocated device slab per weight role, gate and up [n, I, D] and down [n, D, I] in
-the stored dtype; a slot id indexes all three. Nothing is allocated or freed per expert: the SLRU
-policy (cache.py) decides which key a slot holds, and an eviction only hands its slot id on.
+the stored dtype (a GGUF block format: its bytes, each role as large as the largest layer's, an
+expert in a smaller one packed from the slot's start); a slot id indexes all three. Nothing is
+allocated or freed per expert: the SLRU policy (cache.py) decides which key a slot holds, and an
+eviction only hands its slot id on.
 
 A transfer (one per read the scheduler hands a reader thread): the slow tier reads the expert's
 block into a free entry of a small pinned host ring, the three parts are copied to the slot on a
@@ -35,28 +37,38 @@ expert_sum).
 import collections
 import threading
 
+import numpy as np
+
 from ..backend import exact
 from .experts import OffloadedExperts, _expert_out
 from .prefetch import HINT, reading
-from .slots import ALIGN, _NP, block_ffn
+from ..load.weights import FFN
+from .slots import ALIGN, block_ffn, element_dtype
 
 ROLES = ("gate", "up", "down")
 
 
 class DeviceSlab:
-    """n slots as three device arrays: gate, up f32/u16[n, I, D], down [n, D, I]."""
+    """n slots as three device arrays: gate, up [n, I, row], down [n, D, row], a row D or I weights
+    (f32 / u16), or in a block format the bytes of the largest layer's row (layout.role_sizes)."""
 
     def __init__(self, dev, layout, n):
         self.layout = layout
         self.n = n
-        I, D, dt = layout.inter, layout.hidden, _NP[layout.dtype]
-        self.gate = dev.empty((n, I, D), dt)
-        self.up = dev.empty((n, I, D), dt)
-        self.down = dev.empty((n, D, I), dt)
+        self.rows = (layout.inter, layout.inter, layout.hidden)
+        self.dtypes = tuple(np.dtype(element_dtype(f)) for f in layout.formats)
+        for role, rows, dt, size in zip(ROLES, self.rows, self.dtypes, layout.role_sizes):
+            setattr(self, role, dev.empty((n, rows, size // rows // dt.itemsize), dt))
+
+    def ffn(self, slot, layout):
+        """Views of the expert in `slot`, held in its layer's `layout`: as block_ffn's of a host block."""
+        views = [getattr(self, role)[slot].reshape(-1)[: size // dt.itemsize].reshape(rows, -1)
+                 for role, rows, dt, size in zip(ROLES, self.rows, self.dtypes, layout.sizes)]
+        return FFN(*views, layout.dtype)
 
     @property
     def nbytes(self):
-        return 3 * self.n * self.layout.part
+        return self.n * sum(self.layout.role_sizes)
 
 
 class StagingRing:
@@ -109,9 +121,9 @@ class _DeviceLayer:
     """One MoE layer's experts on the device: slots collected per group, computed by one kernel
     per group after the compute stream has waited on exactly those slots' transfers."""
 
-    def __init__(self, tier, u, idx, w, rows):
-        self.tier, self.u, self.rows = tier, u, rows
-        self.acc = tier.dev.expert_sum(tier.slab, u, idx, w, rows)
+    def __init__(self, tier, u, idx, w, rows, layout):
+        self.tier, self.u, self.rows, self.layout = tier, u, rows, layout
+        self.acc = tier.dev.expert_sum(tier.slab, u, idx, w, rows, layout)
         self.group = {}  # expert -> slot
         self.u_host = None  # u f32[1, D] on the host, once a miss is computed there
 
@@ -126,7 +138,7 @@ class _DeviceLayer:
         self.flush()  # the device starts on what it has while the CPU computes this one
         entry, event = held
         try:
-            y = _expert_out(exact.expert_rows, block_ffn(t.slab.layout, entry), self.u_host, self.rows[e])
+            y = _expert_out(exact.expert_rows, block_ffn(self.layout, entry), self.u_host, self.rows[e])
         finally:
             t.ring.give(entry, event, slot)
         self.acc.add_rows(e, y)
@@ -171,7 +183,7 @@ class DeviceSlots:
     def fill(self, key, slot):
         """Reader thread: expert `key` into `slot` through the ring -> bytes read. The copies go on
         the hint stream if the scheduler's request is still a hint once the read has landed."""
-        dev, L = self.dev, self.slab.layout
+        dev, L = self.dev, self.slab.layout.of(key[0])
         entry = self.ring.take()
         try:
             nbytes = self.store.read(*key, entry)
@@ -180,15 +192,14 @@ class DeviceSlots:
             raise
         req = reading()
         stream = self.hint_stream if req is not None and req.priority == HINT else self.demand_stream
-        p, dt = L.part, _NP[L.dtype]
         with self.lock:
             after = self.read_by[slot], self.filled[slot]  # the slot's last reader and last copy
         for event in after:
             if event is not None:
                 dev.wait(stream, event)
-        for i, role in enumerate(ROLES):
-            dst = getattr(self.slab, role)[slot]
-            dev.copy(dst, entry[i * p : (i + 1) * p].view(dt).reshape(dst.shape), stream)
+        dst, src = self.slab.ffn(slot, L), block_ffn(L, entry)
+        for role in ROLES:
+            dev.copy(getattr(dst, role), getattr(src, role), stream)
         event = dev.record(stream)
         with self.lock:
             self.filled[slot] = event
@@ -205,9 +216,8 @@ class DeviceSlots:
         return self.ring.hold(slot)
 
     def layer(self, u, idx, w, rows, layout):
-        """A layer's experts; `layout` is the slab's (the GPU tier takes float experts, alike in every
-        layer)."""
-        return _DeviceLayer(self, u, idx, w, rows)
+        """A layer's experts, in `layout` (its layer's: slab.layout.of)."""
+        return _DeviceLayer(self, u, idx, w, rows, layout)
 
     @property
     def nbytes(self):

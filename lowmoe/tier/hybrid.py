@@ -76,7 +76,7 @@ def cpu_expert_seconds(store, cfg, repeats=5):
     not timed."""
     slab = Slab(store.layout, 1)
     store.read(cfg.moe_layers[0], 0, slab.block(0))
-    f = slab.ffn(0)
+    f = slab.ffn(0, store.layout.of(cfg.moe_layers[0]))
     x = np.random.default_rng(0).standard_normal((1, cfg.hidden_size)).astype(np.float32)
     y = np.empty_like(x)
     times = []

@@ -21,7 +21,7 @@ import numpy as np
 
 from ..backend import cuda, exact
 from ..errors import DeviceError
-from ..load.weights import FFN, device_bytes, formats
+from ..load.weights import FFN, device_bytes
 from .budget import plan_cache
 from .cuda_device import CupyDevice, transfer_costs
 from .device_slots import device_experts
@@ -42,11 +42,12 @@ class DeviceExperts(Resident):
         slab = Slab(store.layout, E)  # one layer at a time in host memory
         self.layers = {}
         for layer in cfg.moe_layers:
+            L = store.layout.of(layer)
             for e in range(E):
                 store.read(layer, e, slab.block(e))
-            parts = [slab.ffn(e) for e in range(E)]
+            parts = [slab.ffn(e, L) for e in range(E)]
             stacked = (cuda.to_device(np.stack([getattr(p, n) for p in parts])) for n in ("gate", "up", "down"))
-            self.layers[layer] = FFN(*stacked, store.layout.dtype)
+            self.layers[layer] = FFN(*stacked, L.dtype)
 
     def forward(self, layer, u, idx, w):
         """u f32[T, D], idx int32[T, k], w f32[T, k] on the device -> the weighted sum f32[T, D]."""
@@ -62,7 +63,7 @@ def check_fits(cfg, dense, layout):
     """DeviceError unless the dense weights and every expert fit in the GPU's free memory with 10%
     (at least 512 MiB) left for the KV cache and scratch."""
     free, _ = cuda.cupy().cuda.Device().mem_info
-    experts = len(cfg.moe_layers) * cfg.num_experts * layout.nbytes
+    experts = cfg.num_experts * sum(layout.of(layer).nbytes for layer in cfg.moe_layers)
     need = device_bytes(dense) + experts
     if need + max(free // 10, 512 << 20) > free:
         raise DeviceError(f"device 'cuda': the model needs {need / 2**30:.2f} GiB of GPU memory ({experts / 2**30:.2f} "
@@ -91,10 +92,6 @@ def _on_gpu(cfg, dense, store, options):
     With slots and cpu_moe unset, hybrid.choose_cpu_moe decides between the slots and "host" (every
     expert in host memory) from measured costs, and logs why; with slots, miss_policy "auto" (or
     unset) lets hybrid.misses_on_cpu decide whether the CPU computes misses whose copy is in flight."""
-    unsupported = sorted((set(store.layout.formats) | formats(dense)) - {"f32", "f16", "bf16"})
-    if unsupported:  # the GPU kernels, and exact.py that stands in for them, take float weights only
-        raise DeviceError(f"device 'cuda': weights in the GGUF format {unsupported[0]} run on the CPU only so far "
-                          "(--device cpu)")
     staging = cfg.top_k * options.lookahead
     if options.cpu_moe:
         return _host_experts(cfg, store, options, options.expert_cache, staging), "host"
@@ -103,7 +100,7 @@ def _on_gpu(cfg, dense, store, options):
         experts = DeviceExperts(store, cfg)
         store.close()
         return experts, "resident"
-    slot = store.layout.nbytes
+    slot = sum(store.layout.role_sizes)  # a device slot: each part as large as the largest layer's
     if options.vram_budget is not None:
         plan = plan_vram(options.vram_budget, cfg, device_bytes(dense), slot, options.max_context, staging).cache
     else:

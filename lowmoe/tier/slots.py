@@ -20,6 +20,12 @@ _ITEMSIZE = {"f32": 4, "f16": 2, "bf16": 2}
 _NP = {"f32": np.float32, "f16": np.uint16, "bf16": np.uint16}
 
 
+def element_dtype(fmt):
+    """The element dtype of an array of weights in `fmt`: a float dtype's, or bytes (uint8) for a
+    GGUF block format."""
+    return _NP.get(fmt, np.uint8)
+
+
 def row_bytes(fmt, n):
     """Bytes of a row of n weights in `fmt`: a float dtype, or a GGUF block format."""
     if fmt in _ITEMSIZE:
@@ -64,11 +70,16 @@ class ExpertLayout:
 
     @property
     def part(self):
-        """Bytes of one of gate, up, down, for the float layouts whose three parts are alike (the
-        GPU tier's)."""
+        """Bytes of one of gate, up, down, for the float layouts whose three parts are alike."""
         if self.dtype not in _ITEMSIZE:
             raise ValueError(f"expert layout {self.dtype}: its parts differ in size")
         return self.sizes[0]
+
+    @cached_property
+    def role_sizes(self):
+        """Bytes of gate, up and down, each the largest of any layer's: what a GPU slot holds of each."""
+        layouts = [self] + [self.of(layer) for layer, _ in self.per_layer]
+        return tuple(max(L.sizes[r] for L in layouts) for r in range(3))
 
     @cached_property
     def block(self):
@@ -116,8 +127,6 @@ def block_ffn(layout, b):
     """Views of the expert in the block b uint8[layout.block]: gate, up [I, D], down [D, I] in the
     stored dtype, or for a GGUF format their block bytes uint8 [rows, row bytes]."""
     I, D = layout.inter, layout.hidden
-    views = []
-    for fmt, rows, (lo, hi) in zip(layout.formats, (I, I, D), layout.spans):
-        part = b[lo:hi]
-        views.append(part.view(_NP[fmt]).reshape(rows, -1) if fmt in _NP else part.reshape(rows, -1))
+    views = [b[lo:hi].view(element_dtype(fmt)).reshape(rows, -1)
+             for fmt, rows, (lo, hi) in zip(layout.formats, (I, I, D), layout.spans)]
     return FFN(*views, layout.dtype)

@@ -21,12 +21,15 @@ import os
 import numpy as np
 
 from ..errors import CheckpointError, InputError
+from ..backend.quant import FORMATS
 from .slots import ALIGN, ExpertLayout, aligned_empty
 from ..load.gguf import GGUF
 from ..load.weights import KERNEL_DTYPE
 
 FORMAT, VERSION = "lowmoe-packed", 1
 INDEX = "experts.json"
+ROLES = ("gate", "up", "down")
+GGUF_EXPERTS = "blk.{layer}.ffn_{role}_exps.weight"  # a GGUF's stacked experts of one role
 
 
 def is_packed(model_dir):
@@ -106,8 +109,8 @@ class GGUFStore:
         self.layers, self.experts = list(cfg.moe_layers), E
         ranges, formats = {}, []
         for layer in self.layers:
-            for role, shape in (("gate", (E, I, D)), ("up", (E, I, D)), ("down", (E, D, I))):
-                name = f"blk.{layer}.ffn_{role}_exps.weight"
+            for role, shape in zip(ROLES, ((E, I, D), (E, I, D), (E, D, I))):
+                name = GGUF_EXPERTS.format(layer=layer, role=role)
                 t = model.tensors.get(name)
                 if t is None:
                     raise CheckpointError(f"{model.path}: missing tensor '{name}'")
@@ -132,10 +135,11 @@ class GGUFStore:
         self._ranges = ranges
 
     def read(self, layer, expert, dest):
-        for role, (lo, hi) in zip(("gate", "up", "down"), self.layout.of(layer).spans):
+        L = self.layout.of(layer)
+        for role, (lo, hi) in zip(ROLES, L.spans):
             t = self._ranges[layer, role]
             _read_into(self._fds[t.file], dest[lo:hi], t.offset + expert * (hi - lo), t.file)
-        return self.layout.nbytes
+        return L.nbytes
 
     def close(self):
         for fd in self._fds.values():
@@ -164,6 +168,17 @@ def _open_direct(path):
     return os.open(path, os.O_RDONLY), False
 
 
+def _dtype(value):
+    """An experts.json dtype (a format name, or [gate's, up's, down's]) as ExpertLayout takes it; None
+    when it is neither."""
+    known = ("f32", "f16", "bf16", *FORMATS)
+    if isinstance(value, str):
+        return value if value in known else None
+    if isinstance(value, list) and len(value) == 3 and all(isinstance(v, str) and v in known for v in value):
+        return tuple(value)
+    return None
+
+
 def _load_index(folder):
     path = os.path.join(folder, INDEX)
     try:
@@ -179,17 +194,24 @@ def _load_index(folder):
         raise CheckpointError(f"{path}: packed format version {index.get('version')!r}; this lowmoe reads version {VERSION}")
     try:
         ok = (
-            index["dtype"] in ("f32", "f16", "bf16")
+            _dtype(index["dtype"]) is not None
             and all(type(index[k]) is int and index[k] > 0 for k in ("inter", "hidden", "experts", "block"))
             and isinstance(index["layers"], list)
             and all(type(l) is int for l in index["layers"])
             and isinstance(index["file"], str)
+            and isinstance(index.get("per_layer", []), list)
+            and all(isinstance(p, list) and len(p) == 2 and p[0] in index["layers"] and _dtype(p[1]) is not None
+                    for p in index.get("per_layer", []))
         )
     except KeyError:
         ok = False
-    layout = ExpertLayout(index["dtype"], index["inter"], index["hidden"]) if ok else None
+    layout = None
+    if ok:
+        per_layer = tuple((layer, _dtype(d)) for layer, d in index.get("per_layer", []))
+        layout = ExpertLayout(_dtype(index["dtype"]), index["inter"], index["hidden"], per_layer)
     if not ok or index["block"] != layout.block:
-        raise CheckpointError(f"{path}: corrupt packed index (dtype, inter, hidden, block, layers, experts or file)")
+        raise CheckpointError(f"{path}: corrupt packed index (dtype, per_layer, inter, hidden, block, layers, "
+                              "experts or file)")
     return layout, index
 
 
