@@ -18,17 +18,22 @@ __device__ __forceinline__ float f16_at(const unsigned char* p) {
     return to_f32(h);
 }
 
-// The 6-bit scale and min of sub-block s < 8 from the 12 bytes at p (Q4_K, Q5_K; gguf's
-// Q4_K.get_scale_min): s < 4 in the low 6 bits of bytes s and 4 + s; s >= 4 in the nibbles of byte
-// 4 + s, their top 2 bits in the top bits of bytes s - 4 and s.
-__device__ __forceinline__ void scale_min(const unsigned char* p, int s, float& sc, float& m) {
+// d sc_s and dmin m_s of sub-block s < 8 of the Q4_K / Q5_K block at b: the 6-bit scale and min
+// from its 12 scale bytes p = b + 4 (gguf's Q4_K.get_scale_min): s < 4 in the low 6 bits of bytes s
+// and 4 + s; s >= 4 in the nibbles of byte 4 + s, their top 2 bits in the top bits of bytes s - 4
+// and s.
+__device__ __forceinline__ void scale_min(const unsigned char* b, int s, float& ds, float& dm) {
+    const unsigned char* p = b + 4;
+    int sc, m;
     if (s < 4) {
-        sc = (float)(p[s] & 63);
-        m = (float)(p[4 + s] & 63);
+        sc = p[s] & 63;
+        m = p[4 + s] & 63;
     } else {
-        sc = (float)((p[4 + s] & 15) | ((p[s - 4] >> 2) & 48));
-        m = (float)((p[4 + s] >> 4) | ((p[s] >> 2) & 48));
+        sc = (p[4 + s] & 15) | ((p[s - 4] >> 2) & 48);
+        m = (p[4 + s] >> 4) | ((p[s] >> 2) & 48);
     }
+    ds = __fmul_rn(f16_at(b), (float)sc);
+    dm = __fmul_rn(f16_at(b + 2), (float)m);
 }
 
 // decode4(b, j, w): the block at b, its elements j..j+3 -> w.
@@ -99,9 +104,8 @@ struct Q4_K {
     static const int E = 256, B = 144;
     __device__ static __forceinline__ void decode4(const unsigned char* b, int j, float w[4]) {
         const int s = j / 32, l = j % 32;
-        float sc, m;
-        scale_min(b + 4, s, sc, m);
-        const float ds = __fmul_rn(f16_at(b), sc), dm = __fmul_rn(f16_at(b + 2), m);
+        float ds, dm;
+        scale_min(b, s, ds, dm);
         const unsigned char* q = b + 16 + 32 * (s / 2) + l;
 #pragma unroll
         for (int i = 0; i < 4; i++) w[i] = __fsub_rn(__fmul_rn(ds, (float)(s & 1 ? q[i] >> 4 : q[i] & 15)), dm);
@@ -113,9 +117,8 @@ struct Q5_K {  // bit s of qh[l]: bit 4 of element 32 s + l
     static const int E = 256, B = 176;
     __device__ static __forceinline__ void decode4(const unsigned char* b, int j, float w[4]) {
         const int s = j / 32, l = j % 32;
-        float sc, m;
-        scale_min(b + 4, s, sc, m);
-        const float ds = __fmul_rn(f16_at(b), sc), dm = __fmul_rn(f16_at(b + 2), m);
+        float ds, dm;
+        scale_min(b, s, ds, dm);
         const unsigned char* q = b + 48 + 32 * (s / 2) + l;
 #pragma unroll
         for (int i = 0; i < 4; i++) {

@@ -19,16 +19,54 @@ PROMPT = [5, 17, 300, 42, 9, 77, 100, 3]
 
 
 def _run(engine):
-    return engine.logits(PROMPT), engine.generate(PROMPT, 16, stop_at_eos=False).tokens
+    return engine.logits(PROMPT), engine.generate(PROMPT, 32, stop_at_eos=False).tokens
 
 
+VARIANTS = ("mixtral_bf16_sharded", "olmoe_bf16", "qwen2_moe_bf16")  # tools/make_test_ggufs.py's
+
+
+@pytest.fixture(scope="module")
+def checkpoints(test_models, tmp_path_factory):
+    """{variant: the checkpoint its GGUF files hold}: the test checkpoint, except that llama.cpp's
+    OLMoE and Qwen2-MoE never renormalise the top-k routing weights (no GGUF key can say they do), so
+    the GGUFs of those two are their checkpoints with norm_topk_prob false."""
+    import json
+    import shutil
+
+    out = {}
+    for v in VARIANTS:
+        with open(os.path.join(test_models[v], "config.json"), encoding="utf-8") as f:
+            cfg = json.load(f)
+        out[v] = test_models[v]
+        if cfg["model_type"] in ("olmoe", "qwen2_moe") and cfg.get("norm_topk_prob"):
+            out[v] = str(tmp_path_factory.mktemp("gguf_checkpoints") / v)
+            shutil.copytree(test_models[v], out[v])
+            with open(os.path.join(out[v], "config.json"), "w", encoding="utf-8") as f:
+                json.dump(dict(cfg, norm_topk_prob=False), f)
+    return out
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("options", [{}, dict(expert_cache="25%", predictor="nextgate"), dict(storage="ram")])
-def test_the_bf16_file_decodes_as_its_checkpoint(test_models, options):
-    with lowmoe.Engine.from_pretrained(test_models["mixtral_bf16_sharded"]) as e:
+def test_the_bf16_file_decodes_as_its_checkpoint(checkpoints, variant, options):
+    with lowmoe.Engine.from_pretrained(checkpoints[variant]) as e:
         want_logits, want = _run(e)
-    with lowmoe.Engine.from_pretrained(BF16, **options) as e:
+    with lowmoe.Engine.from_pretrained(os.path.join(DATA, f"{variant}-bf16.gguf"), **options) as e:
         logits, tokens = _run(e)
     assert tokens == want and np.array_equal(logits, want_logits)
+
+
+def test_greedy_text_is_llama_cpps():
+    """The bundled model's Q4_K_M continues the prompt greedily with the very text llama.cpp's
+    llama-simple printed for it (recorded by tools/make_test_ggufs.py): llama.cpp rounds activations
+    to 8 bits, lowmoe keeps them f32, and on this trained model the greedy choices agree."""
+    import json
+
+    with open(os.path.join(DATA, "llama_greedy.json"), encoding="utf-8") as f:
+        rec = json.load(f)
+    with lowmoe.Engine.from_pretrained(os.path.join(DATA, rec["file"])) as e:
+        tokens = e.generate(e.encode(rec["prompt"]), rec["tokens"], stop_at_eos=False).tokens
+        assert e.tokenizer.decode(tokens).encode() == bytes.fromhex(rec["continuation_hex"])
 
 
 def test_decode_takes_a_gguf_file(capsys, monkeypatch):
@@ -70,7 +108,8 @@ def _dequantized_transformers(checkpoint, path):
                               ("self_attn.v_proj.weight", "attn_v.weight"), ("self_attn.o_proj.weight", "attn_output.weight"),
                               ("self_attn.q_norm.weight", "attn_q_norm.weight"), ("self_attn.k_norm.weight", "attn_k_norm.weight"),
                               ("self_attn.q_proj.bias", "attn_q.bias"), ("self_attn.k_proj.bias", "attn_k.bias"),
-                              ("self_attn.v_proj.bias", "attn_v.bias"), ("mlp.gate.weight", "ffn_gate_inp.weight"),
+                              ("self_attn.v_proj.bias", "attn_v.bias"), ("self_attn.o_proj.bias", "attn_output.bias"),
+                              ("mlp.gate.weight", "ffn_gate_inp.weight"),
                               ("mlp.experts.down_proj", "ffn_down_exps.weight"),
                               ("mlp.shared_expert.gate_proj.weight", "ffn_gate_shexp.weight"),
                               ("mlp.shared_expert.up_proj.weight", "ffn_up_shexp.weight"),
@@ -83,8 +122,8 @@ def _dequantized_transformers(checkpoint, path):
     return hf
 
 
-@pytest.mark.parametrize("name", ["mixtral_bf16_sharded-q8_0", "mixtral_bf16_sharded-q4_k_m", "default-q4_k_m"])
-def test_a_quantized_file_decodes_as_transformers_on_its_dequantized_weights(test_models, name):
+@pytest.mark.parametrize("name", [f"{v}-{q}" for v in VARIANTS for q in ("q8_0", "q4_k_m")] + ["default-q4_k_m"])
+def test_a_quantized_file_decodes_as_transformers_on_its_dequantized_weights(checkpoints, name):
     """Experts and matrices in Q8_0, or llama-quantize's Q4_K_M mix (for the bundled model Q4_K, Q6_K,
     Q8_0 and Q5_0, the experts' formats differing by layer), computed in place: logits within 1e-4 of
     transformers' float32 over the same dequantized weights, the same greedy tokens, and the same
@@ -92,11 +131,12 @@ def test_a_quantized_file_decodes_as_transformers_on_its_dequantized_weights(tes
     import torch
 
     path = os.path.join(DATA, f"{name}.gguf")
-    checkpoint = lowmoe.DEFAULT_MODEL if name.startswith("default") else test_models["mixtral_bf16_sharded"]
+    checkpoint = lowmoe.DEFAULT_MODEL if name.startswith("default") else checkpoints[name.rsplit("-", 1)[0]]
     hf = _dequantized_transformers(checkpoint, path)
+    hf.generation_config.eos_token_id = None  # 32 tokens, as lowmoe's generate(stop_at_eos=False)
     with torch.no_grad():
         want = hf(torch.tensor([PROMPT])).logits[0].numpy()
-        greedy = hf.generate(torch.tensor([PROMPT]), max_new_tokens=16, do_sample=False)[0, len(PROMPT):].tolist()
+        greedy = hf.generate(torch.tensor([PROMPT]), max_new_tokens=32, do_sample=False)[0, len(PROMPT):].tolist()
     with lowmoe.Engine.from_pretrained(path) as e:
         logits, tokens = _run(e)
     assert np.abs(logits - want).max() <= 1e-4 * np.abs(want).max()
@@ -216,3 +256,15 @@ def test_pre_gate_heads_are_not_written_into_a_gguf_model(packed_q4_k_m, tmp_pat
         assert cli(["train-predictor", model, "--kind", "pregate", "--write-into", str(tmp_path / "copy")]) == 2
         err = capsys.readouterr().err
         assert "not a GGUF model" in err and len(err.strip().splitlines()) == 1
+
+
+def test_info_of_a_packed_gguf_model_is_its_files(packed_q4_k_m, capsys):
+    import json
+
+    infos = []
+    for path in packed_q4_k_m:
+        assert cli(["info", path, "--json"]) == 0
+        infos.append(json.loads(capsys.readouterr().out))
+    keys = ("format_bytes", "expert_bytes", "dense_bytes", "bytes_per_expert")
+    assert [{k: i[k] for k in keys} for i in infos][0] == [{k: i[k] for k in keys} for i in infos][1]
+    assert {"q4_k", "q6_k", "q8_0", "q5_0"} <= set(infos[1]["format_bytes"])

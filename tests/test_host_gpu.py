@@ -127,10 +127,11 @@ def test_gpu_decoder_matches_the_cpu_on_every_architecture(host_gpu, test_models
 
 def test_gpu_decoder_matches_the_cpu_on_gguf_files(host_gpu):
     """llama.cpp's files computed in their block formats by the CUDA kernels: the Q4_K_M of the Mixtral
-    test checkpoint, and the bundled model's (Q4_K, Q6_K, Q8_0 and Q5_0, the experts' down format
-    varying by layer). (Every format's kernels: test_expert_kernels_compute_exact_bits and
-    tools/gpu_check's cases.)"""
-    for name in ("mixtral_bf16_sharded-q4_k_m", "default-q4_k_m"):
+    test checkpoint, the Q8_0 of the Qwen2-MoE one (its shared expert's down kept f16: rows of 24),
+    and the bundled model's Q4_K_M (Q4_K, Q6_K, Q8_0 and Q5_0, the experts' down format varying by
+    layer). (Every format's kernels: test_expert_kernels_compute_exact_bits and tools/gpu_check's
+    cases.)"""
+    for name in ("mixtral_bf16_sharded-q4_k_m", "qwen2_moe_bf16-q8_0", "default-q4_k_m"):
         _same_as_cpu(os.path.join(GGUF, f"{name}.gguf"))
 
 

@@ -225,15 +225,16 @@ class _Launches:
 
 
 def _models(request):
-    """The bundled model (bf16), its Q4_K_M and the Mixtral test checkpoint's Q8_0 and Q4_K_M from
-    llama.cpp, and, with torch and transformers, every transformers-made checkpoint."""
+    """The bundled model (bf16), its Q4_K_M, the Mixtral test checkpoint's Q8_0 and Q4_K_M and the
+    Qwen2-MoE one's Q8_0 (a shared expert of q8_0 and f16) from llama.cpp, and, with torch and
+    transformers, every transformers-made checkpoint."""
     try:
         made = list(request.getfixturevalue("test_models").values())
     except pytest.skip.Exception:
         made = []
     gguf = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "gguf")
     files = [os.path.join(gguf, f) for f in ("default-q4_k_m.gguf", "mixtral_bf16_sharded-q8_0.gguf",
-                                             "mixtral_bf16_sharded-q4_k_m.gguf")]
+                                             "mixtral_bf16_sharded-q4_k_m.gguf", "qwen2_moe_bf16-q8_0.gguf")]
     return [lowmoe.DEFAULT_MODEL] + files + made, bool(made)
 
 

@@ -6,8 +6,9 @@
    never zeros, at several shapes including odd ones. Outputs and scratch buffers start as NaN
    (cuda.POISON), so every element must be written; KV cache rows past the context are NaN, so no
    kernel may read them. The expert kernels bit for bit against backend/exact.py.
-2. Greedy tokens of device='cuda' equal device='cpu' on the bundled model and on every checkpoint
-   in --models (tools/make_test_models.py output); logits of a prefill are compared too.
+2. Greedy tokens of device='cuda' equal device='cpu' on the bundled model, on the Q8_0 and Q4_K_M
+   GGUF files in tests/data/gguf (the block-format kernels) and on every checkpoint in --models
+   (tools/make_test_models.py output); logits of a prefill are compared too.
 3. The GPU expert cache (issue 7) on the bundled model: device slots at several budgets and
    predictors, a VRAM budget, CPU-MoE and the cost model's choice give the resident GPU run's
    tokens (and its logits, bit for bit, where one group holds a layer's experts).
@@ -18,7 +19,7 @@
    the placement's design says (gpu_counts.PLACEMENTS). At small batch the host's launch work bounds a fast
    GPU's decode: these are the numbers to cut by fusing kernels or capturing a CUDA graph. CuPy's
    own array operators (residual adds, KV cache writes) are not counted.
-5. Bandwidth of the decode GEMVs (expert SwiGLU and lm_head-sized linear) against a large
+5. Bandwidth of the decode GEMVs (expert SwiGLU in bf16 and in Q4_K_M, lm_head-sized linear) against a large
    device-to-device copy measured in the same run.
 6. Benchmark (tools/gpu_bench.py; --skip-bench leaves it out): reactive vs nextgate vs oracle
    under a 12 GiB budget emulation at 8K context, and CPU-MoE vs the GPU cache.
@@ -326,7 +327,7 @@ def compare_models(rep, paths, n_tokens):
     for label, path in paths:
         try:
             with Engine.from_pretrained(path) as c, Engine.from_pretrained(path, device="cuda") as gpu:
-                ids = c.encode("In the beginning God created") if label == "default" else list(range(3, 14))
+                ids = c.encode("In the beginning God created") if label.startswith("default") else list(range(3, 14))
                 want = c.generate(ids, n_tokens, stop_at_eos=False)
                 t0 = time.perf_counter()
                 got = gpu.generate(ids, n_tokens, stop_at_eos=False)
@@ -419,6 +420,13 @@ def run_bandwidth(rep, cuda, cp):
     moe_s = _time(cp, lambda i=0: expert_sum(cuda, x, gate, up, down, "bf16", idx[i % len(idx)], w, out), 64)
     moe_bw = 3 * k * I * D * 2 / moe_s
     del gate, up, down
+    # The same layer in llama.cpp's Q4_K_M (gate, up Q4_K, down Q6_K): random block bytes, the same
+    # time whatever they decode to.
+    qg, qu = (cp.random.randint(0, 256, (E, I, D // 256 * 144), dtype=np.uint8) for _ in range(2))
+    qd = cp.random.randint(0, 256, (E, D, I // 256 * 210), dtype=np.uint8)
+    q_s = _time(cp, lambda i=0: expert_sum(cuda, x, qg, qu, qd, ("q4_k", "q4_k", "q6_k"), idx[i % len(idx)], w, out), 64)
+    q_bw = k * (qg[0].nbytes + qu[0].nbytes + qd[0].nbytes) / q_s
+    del qg, qu, qd
 
     # lm_head-sized linear GEMV: 151936 x 2048 bf16 = 622 MB.
     R = 151936
@@ -427,6 +435,7 @@ def run_bandwidth(rep, cuda, cp):
     lin_s = _time(cp, lambda i=0: cuda.linear(x, wl, "bf16", y, bias), 20)
     lin_bw = R * D * 2 / lin_s
     for label, s, bw in (("expert SwiGLU GEMV (Qwen3-30B-A3B layer, bf16)", moe_s, moe_bw),
+                         ("expert SwiGLU GEMV Q4_K_M (Qwen3-30B-A3B layer, q4_k / q6_k)", q_s, q_bw),
                          ("linear GEMV (151936 x 2048, bf16)", lin_s, lin_bw)):
         rep.line(f"{label}: {s * 1e6:.1f} us, {bw / 1e9:.0f} GB/s = {bw / copy_bw:.0%} of copy")
         rep.row(f"bandwidth {label.split(' (')[0]}", 1, f"{bw / 1e9:.0f} GB/s = {bw / copy_bw:.0%} of copy", bw >= 0.7 * copy_bw)
@@ -460,7 +469,9 @@ def main(argv=None):
     t0 = time.perf_counter()
     run_kernels(rep, cuda, cp)
     compare_exact(rep, cuda, cp)
-    models = [("default", DEFAULT_MODEL)]
+    gguf = os.path.join(ROOT, "tests", "data", "gguf")  # llama.cpp's files: block formats, per-layer mixes
+    models = [("default", DEFAULT_MODEL)] + [(f, os.path.join(gguf, f)) for f in sorted(os.listdir(gguf))
+                                             if f.endswith(("-q8_0.gguf", "-q4_k_m.gguf"))]
     if args.models:
         models += [(n, os.path.join(args.models, n)) for n in sorted(os.listdir(args.models))
                    if os.path.isfile(os.path.join(args.models, n, "config.json"))]

@@ -13,8 +13,8 @@ OUTDIR/<variant>-<outtype>.gguf (OUTDIR defaults to tests/data/gguf), and the bf
 back to the 32-weight formats, as in every Q4_K_M of an MoE's small matrices); and from the
 bundled model, its Q4_K_M (Q4_K, Q6_K, Q8_0 and Q5_0, the experts' down in Q8_0 or Q5_0 by layer)
 into OUTDIR/default-q4_k_m.gguf and the tokenizer metadata the converter writes, alone, into
-OUTDIR/default-tokenizer.gguf. Last, llama.cpp's greedy continuation of a prompt by each
-quantized file (`llama-simple -n 32`), its bytes as it printed them, into OUTDIR/llama_greedy.json.
+OUTDIR/default-tokenizer.gguf. Last, llama.cpp's greedy continuation of a prompt by the bundled
+model's Q4_K_M (`llama-simple -n 32`), its bytes as it printed them, into OUTDIR/llama_greedy.json.
 The tests read the committed files; neither CI nor the tests need llama.cpp.
 """
 
@@ -57,15 +57,15 @@ def main(argv):
         out = os.path.join(outdir, "default-q4_k_m.gguf")
         subprocess.run([os.path.join(llama, "bin", "llama-quantize"), bundled, out, "Q4_K_M"], check=True, capture_output=True)
         print(out, os.path.getsize(out))
-    greedy = {}
-    for f in sorted(os.listdir(outdir)):
-        if f.endswith(("-q8_0.gguf", "-q4_k_m.gguf")):
-            r = subprocess.run([os.path.join(llama, "bin", "llama-simple"), "-m", os.path.join(outdir, f), "-n", "32", PROMPT],
-                               capture_output=True, check=True)
-            assert r.stdout.startswith(PROMPT.encode()), (f, r.stdout[:200])
-            greedy[f] = r.stdout[len(PROMPT):].hex()  # the bytes of its 32 tokens' pieces, as printed
-    with open(os.path.join(outdir, GREEDY), "w", encoding="utf-8") as fh:
-        json.dump({"prompt": PROMPT, "tokens": 32, "continuation_hex": greedy}, fh, indent=1)
+    # The trained model only: the random test models' top logits are so close that llama.cpp's 8-bit
+    # activations pick other tokens after a few steps (their reference is transformers on the
+    # dequantized weights, in the tests).
+    r = subprocess.run([os.path.join(llama, "bin", "llama-simple"), "-m", out, "-n", "32", PROMPT], capture_output=True,
+                       check=True)
+    assert r.stdout.startswith(PROMPT.encode()) and r.stdout.endswith(b"\n"), r.stdout[:200]
+    with open(os.path.join(outdir, GREEDY), "w", encoding="utf-8") as fh:  # the bytes of its tokens' pieces, as printed
+        json.dump({"file": os.path.basename(out), "prompt": PROMPT, "tokens": 32,
+                   "continuation_hex": r.stdout[len(PROMPT) : -1].hex()}, fh, indent=1)
         fh.write("\n")
     return 0
 

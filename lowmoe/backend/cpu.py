@@ -276,15 +276,23 @@ def linear(x, w, dtype, out, bias=None):
 def expert_ffn(x, gate, up, down, dtype, out):
     """SwiGLU expert / dense MLP: out[t] = down @ (silu(gate @ x[t]) * (up @ x[t])).
     x f32[T, D]; gate, up [I, D]; down [D, I] (nn.Linear layout), float32 for
-    dtype "f32" or uint16 views of float16 / bfloat16 data for "f16" / "bf16";
-    out f32[T, D] is overwritten. GGUF formats (quant.FORMATS): the matrices are block bytes and
-    dtype is one format or a tuple (gate's, up's, down's), e.g. ("q4_k", "q4_k", "q6_k")."""
-    if dtype not in _WDTYPE:
-        quant.expert_ffn(x, gate, up, down, (dtype,) * 3 if isinstance(dtype, str) else dtype, out)
-        return
-    h = np.empty((x.shape[0], gate.shape[0]), np.float32)
-    _gate_up(x, _kernel_view(gate, dtype), _kernel_view(up, dtype), h)
-    _linear(h, _kernel_view(down, dtype), out)
+    dtype "f32" or uint16 views of float16 / bfloat16 data for "f16" / "bf16", or the block bytes
+    of a GGUF format (quant.FORMATS); dtype one format or (gate's, up's, down's), e.g. llama.cpp's
+    ("q4_k", "q4_k", "q6_k"), or ("q8_0", "q8_0", "f16") where its quantizer keeps rows of a
+    length no block divides in f16. out f32[T, D] is overwritten."""
+    g, u, d = dtype if isinstance(dtype, tuple) else (dtype,) * 3
+    T, I = x.shape[0], gate.shape[0]
+    h = np.empty((T, I), np.float32)
+    if g == u and g in _WDTYPE:
+        _gate_up(x, _kernel_view(gate, g), _kernel_view(up, u), h)
+    elif g in quant.FORMATS and u in quant.FORMATS:
+        quant.gate_up(x, gate, up, (g, u), h)
+    else:  # one float, one block: no llama.cpp mix does this, but a GGUF file may
+        hg = np.empty((T, I), np.float32)
+        linear(x, gate, g, hg)
+        linear(x, up, u, h)
+        h *= hg / (np.float32(1.0) + np.exp(-hg))
+    linear(h, down, d, out)
 
 
 # Last: quant.py builds its kernels on _to_f32 and the flags above.

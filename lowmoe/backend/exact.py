@@ -184,18 +184,22 @@ def _down_q(h, down, code, n, y):
 def expert_rows(x, gate, up, down, dtype, out):
     """out[t] = down @ (silu(gate @ x[t]) * (up @ x[t])) in the GPU kernels' arithmetic.
     x f32[T, D]; gate, up [I, D]; down [D, I], float32 ("f32") or uint16 views of f16 / bf16 data,
-    or the bytes of GGUF block formats (quant.FORMATS; dtype then one, or (gate's, up's, down's));
+    or the bytes of GGUF block formats (quant.FORMATS); dtype one format, or (gate's, up's, down's)
+    with gate's and up's both block formats or the same float one (as the GPU's kernels take them);
     out f32[T, D] is overwritten."""
-    h = np.empty((x.shape[0], gate.shape[0]), np.float32)
-    if isinstance(dtype, tuple) or dtype in quant.FORMATS:
-        g, u, d = dtype if isinstance(dtype, tuple) else (dtype,) * 3
-        D, I = x.shape[1], gate.shape[0]
+    g, u, d = dtype if isinstance(dtype, tuple) else (dtype,) * 3
+    D, I = x.shape[1], gate.shape[0]
+    h = np.empty((x.shape[0], I), np.float32)
+    if g in quant.FORMATS and u in quant.FORMATS:
         _gate_up_q(x, gate, up, quant._code(gate, g, I, D), quant._code(up, u, I, D), quant._N, h)
+    elif g == u:
+        _gate_up(x, _kernel_view(gate, g), _kernel_view(up, u), 4 if g == "f32" else 8, h)
+    else:
+        raise ValueError(f"expert gate and up in {g} and {u}: the GPU's kernels take two block formats or one float one")
+    if d in quant.FORMATS:
         _down_q(h, down, quant._code(down, d, D, I), quant._N, out)
-        return
-    VN = 4 if dtype == "f32" else 8
-    _gate_up(x, _kernel_view(gate, dtype), _kernel_view(up, dtype), VN, h)
-    _down(h, _kernel_view(down, dtype), VN, out)
+    else:
+        _down(h, _kernel_view(down, d), 4 if d == "f32" else 8, out)
 
 
 def combine(y, w):

@@ -317,15 +317,10 @@ def linear(x, w, fmt, out):
     _linear(x, w, _code(w, fmt, out.shape[1], x.shape[1]), _N, out)
 
 
-def expert_ffn(x, gate, up, down, fmts, out):
-    """SwiGLU expert: out[t] = down @ (silu(gate @ x[t]) * (up @ x[t])); x f32[T, D]; gate, up [I, D]
-    and down [D, I] as the bytes of their formats fmts = (gate's, up's, down's) (llama.cpp's
-    Q4_K_M: q4_k, q4_k, q6_k); out f32[T, D] is overwritten."""
+def gate_up(x, gate, up, fmts, h):
+    """h f32[T, I] = silu(gate @ x[t]) * (up @ x[t]) (the SwiGLU expert's first half; cpu.expert_ffn
+    does the down projection): x f32[T, D]; gate, up [I, D] as the bytes of their formats
+    fmts = (gate's, up's)."""
     T, D = x.shape
     I = gate.shape[0]
-    gcode = _code(gate, fmts[0], I, D)
-    ucode = _code(up, fmts[1], I, D)
-    dcode = _code(down, fmts[2], D, I)
-    h = np.empty((T, I), np.float32)
-    _gate_up(x, gate, up, gcode, ucode, _N, h)
-    _linear(h, down, dcode, _N, out)
+    _gate_up(x, gate, up, _code(gate, fmts[0], I, D), _code(up, fmts[1], I, D), _N, h)

@@ -34,6 +34,11 @@ def main(args):
     if isinstance(ckpt, GGUF):
         for t in ckpt.tensors.values():
             formats[t.format] = formats.get(t.format, 0) + t.nbytes
+        if is_packed(path):  # its dense.gguf holds no experts: their formats from the packed layout
+            for layer in cfg.moe_layers:
+                L = layout.of(layer)
+                for fmt, size in zip(L.formats, L.sizes):
+                    formats[fmt] = formats.get(fmt, 0) + cfg.num_experts * size
     total = sum(t.nbytes for t in ckpt.tensors.values()) + (expert_bytes if is_packed(path) else 0)
     info = {
         "model": path,
@@ -64,7 +69,7 @@ def main(args):
             raise InputError(f"--context must be >= 1, got {args.context}")
         dense = device_bytes(dense_weights(ckpt, cfg))
         staging = cfg.top_k * args.lookahead
-        slot = expert_bytes // max(1, experts)
+        slot = sum(layout.role_sizes)  # a GPU slot holds the largest layer's gate, up and down
         info.update(plan_vram(args.vram_budget, cfg, dense, slot, args.context, staging).describe())
     if args.json:
         print(json.dumps(info))

@@ -16,12 +16,13 @@ from .weights import FFN, Attention, Layer, Matrix, Weights
 
 
 def _raw(model, name, shape):
-    """The tensor `name`, checked to be `shape` (elements, outermost first): f32 as float32, f16 /
-    bf16 as uint16 bits, a block type as uint8 [..., row bytes] -> (array, format)."""
+    """The tensor `name`, checked to be `shape` (elements, outermost first; a [1, n] matrix may be
+    stored as the vector [n]: llama.cpp's converter drops the 1 of Qwen2-MoE's shared-expert gate):
+    f32 as float32, f16 / bf16 as uint16 bits, a block type as uint8 [..., row bytes] -> (array, format)."""
     info = model.tensors.get(name)
     if info is None:
         raise CheckpointError(f"{model.path}: missing tensor '{name}'")
-    if info.shape != tuple(shape):
+    if info.shape != tuple(shape) and not (shape[0] == 1 and info.shape == tuple(shape[1:])):
         raise CheckpointError(f"{info.file}: tensor '{name}' has shape {list(info.shape)}, expected {list(shape)}")
     raw = model.read(name)
     if info.format == "f32":

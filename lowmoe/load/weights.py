@@ -144,7 +144,7 @@ def to_device(w, put, memo=None):
     kernel always adds one (x + 0 is exact). Pre-gate heads stay behind: only the predictors, on
     the host, read them."""
     memo = {} if memo is None else memo
-    if w is None or isinstance(w, str):
+    if w is None or isinstance(w, (str, tuple)):  # a dtype, or (gate's, up's, down's)
         return w
     if isinstance(w, list):
         return [to_device(x, put, memo) for x in w]
