@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .backend import backend, cpu
-from .errors import ConfigError, InputError
+from .errors import ConfigError, DeviceError, InputError
 from .load.config import EngineConfig
 from .load.gguf import GGUF
 from .load.gguf_tokenizer import gguf_tokenizer
@@ -31,12 +31,14 @@ DEFAULT_MODEL = os.path.join(os.path.dirname(__file__), "models", "default")
 
 @dataclass
 class Context:
-    """A prompt already run through the model: its KV cache and the logits f32[V] of its last
-    token. Every decode from it starts right after the prompt, so one Context serves many."""
+    """A prompt already run through the model: its KV cache, the logits f32[V] of its last token and
+    the linear-attention layers' state at its end (KVCache.recurrent; empty without such layers).
+    Every decode from it starts right after the prompt, so one Context serves many."""
 
     kv: KVCache
     logits: np.ndarray
     length: int
+    recurrent: list = field(default_factory=list)
 
 
 @dataclass
@@ -109,6 +111,9 @@ class Engine:
         ops = backend(options.device)  # DeviceError before loading anything when no GPU is usable
         path = os.fspath(path)
         ckpt, cfg = open_model(path)
+        if options.device == "cuda" and "linear" in cfg.layer_mixers:
+            raise DeviceError(f"{path}: the Gated DeltaNet layers of {cfg.model_type} run on the CPU only so far "
+                              "(--device cpu)")
         dense = dense_weights(ckpt, cfg)
         store = open_store(options.storage or ("packed" if is_packed(path) else "checkpoint"), path, ckpt, cfg)
         experts, where = place_experts(cfg, dense, store, options)
@@ -189,7 +194,7 @@ class Engine:
             logits = self.model.forward(ids[i : i + step], kv)
             if progress is not None:
                 progress(min(i + step, len(ids)), len(ids))
-        return Context(kv, logits[-1], len(ids))
+        return Context(kv, logits[-1], len(ids), kv.recurrent())
 
     def stream(self, token_ids, max_new_tokens, temperature=0.0, top_p=1.0, top_k=0, seed=None,
                stop_at_eos=True, stats=None):
@@ -214,6 +219,7 @@ class Engine:
         rng = np.random.default_rng(seed)
         kv, logits = context.kv, context.logits[None]
         kv.length = context.length
+        kv.restore(context.recurrent)
         self._check_context(context.length + max_new_tokens)
         kv.reserve(context.length + max_new_tokens)
         stats = {} if stats is None else stats

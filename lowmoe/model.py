@@ -3,8 +3,9 @@
 `ops` is the backend: backend/cpu.py (NumPy arrays, Numba kernels) or backend/cuda.py (CuPy arrays,
 the kernels of native/), the same operations with the same signatures; `ops.xp` is the array module
 that holds their arrays, and the weights are on that device (load/weights.to_device for the GPU).
-Architecture differences (q/k norms, clipping, biases, dense vs MoE layers, shared expert) are
-switches in ModelConfig.
+Architecture differences (q/k norms, clipping, biases, dense vs MoE layers, shared expert, each
+layer's token mixer: softmax attention or Gated DeltaNet linear attention) are switches in
+ModelConfig.
 
 Where the routed experts live and compute is the expert tier's business (tier/placement.py):
 `experts.forward(layer, u, idx, w)` takes and returns the backend's arrays. With every expert
@@ -19,10 +20,13 @@ from .backend import cpu
 
 
 class KVCache:
-    """Keys and values of every layer: k[layer], v[layer] f32[KV, capacity, hd] in the arrays of the
-    backend `ops`, and the RoPE tables cos, sin f32[capacity, hd/2] of every position they can hold.
-    It grows to exactly what `reserve` asks for, never more (the VRAM plan counts max_context
-    positions): the engine reserves a whole sequence before decoding it, so decode never copies."""
+    """A sequence's state in the arrays of the backend `ops`: for each attention layer its keys and
+    values k[layer], v[layer] f32[KV, capacity, hd] and the RoPE tables cos, sin f32[capacity, rot/2]
+    of every position they can hold; for each linear-attention (Gated DeltaNet) layer its conv window
+    conv[layer] f32[K - 1, C] (the last K - 1 inputs of the causal conv) and its recurrent state
+    ssm[layer] f32[Hv, dk, dv] (None in the other kind's slots). The KV part grows to exactly what
+    `reserve` asks for, never more (the VRAM plan counts max_context positions): the engine reserves
+    a whole sequence before decoding it, so decode never copies."""
 
     def __init__(self, cfg, capacity=256, ops=cpu):
         self.cfg = cfg
@@ -30,8 +34,16 @@ class KVCache:
         self.xp = ops.xp
         self.length = 0
         shape = (cfg.num_kv_heads, capacity, cfg.head_dim)
-        self.k = [self.xp.zeros(shape, np.float32) for _ in range(cfg.num_layers)]
-        self.v = [self.xp.zeros(shape, np.float32) for _ in range(cfg.num_layers)]
+        attention = [m == "attention" for m in cfg.layer_mixers]
+        self.k = [self.xp.zeros(shape, np.float32) if a else None for a in attention]
+        self.v = [self.xp.zeros(shape, np.float32) if a else None for a in attention]
+        self.conv, self.ssm = [None] * cfg.num_layers, [None] * cfg.num_layers
+        if cfg.linear_shape:
+            Hk, Hv, dk, dv, K = cfg.linear_shape
+            for i, a in enumerate(attention):
+                if not a:
+                    self.conv[i] = self.xp.zeros((K - 1, 2 * Hk * dk + Hv * dv), np.float32)
+                    self.ssm[i] = self.xp.zeros((Hv, dk, dv), np.float32)
         self._tables(capacity)
 
     def _tables(self, capacity):
@@ -40,20 +52,34 @@ class KVCache:
 
     def reserve(self, length):
         """Room for `length` positions -> True when the cache had to grow."""
-        if length <= self.k[0].shape[1]:
+        if length <= self.cos.shape[0]:
             return False
         for cache in (self.k, self.v):
             for i, old in enumerate(cache):
-                new = self.xp.zeros((old.shape[0], length, old.shape[2]), np.float32)
-                new[:, : self.length] = old[:, : self.length]
-                cache[i] = new
+                if old is not None:
+                    new = self.xp.zeros((old.shape[0], length, old.shape[2]), np.float32)
+                    new[:, : self.length] = old[:, : self.length]
+                    cache[i] = new
         self._tables(length)
         return True
 
+    def recurrent(self):
+        """A copy of the linear-attention layers' state, (conv, ssm) per layer (empty without them):
+        what `restore` puts back so that a Context decodes from its prompt's end again."""
+        return [(c.copy(), s.copy()) for c, s in zip(self.conv, self.ssm) if c is not None]
+
+    def restore(self, saved):
+        """Puts back the state `recurrent` copied."""
+        linear = [i for i, c in enumerate(self.conv) if c is not None]
+        for i, (c, s) in zip(linear, saved):
+            self.conv[i][...] = c
+            self.ssm[i][...] = s
+
 
 def rope_tables(cfg, positions):
-    """cos, sin f32[T, hd/2], computed in float32 the way transformers does."""
-    hd = cfg.head_dim
+    """cos, sin f32[T, rot/2] (rot: the rotated dims of a head, cfg.rotary_dim or all of it),
+    computed in float32 the way transformers does."""
+    hd = getattr(cfg, "rotary_dim", 0) or cfg.head_dim
     exponent = np.arange(0, hd, 2, dtype=np.int64).astype(np.float32) / np.float32(hd)
     inv_freq = (np.float32(1.0) / np.power(np.float32(cfg.rope_theta), exponent)).astype(np.float32)
     freqs = positions.astype(np.float32)[:, None] * inv_freq[None, :]
@@ -81,7 +107,8 @@ class Model:
         x = ops.buffer((T, cfg.hidden_size))
         ops.embed(tokens, self.w.embed.w, self.w.embed.dtype, x)
         for i, layer in enumerate(self.w.layers):
-            x = x + self._attention(i, layer, self._norm(x, layer.input_norm), kv)
+            mixer = self._attention if layer.attn is not None else self._linear_attention
+            x = x + mixer(i, layer, self._norm(x, layer.input_norm), kv)
             x = x + self._mlp(i, layer, self._norm(x, layer.post_norm), x)
         kv.length = start + T
         if not all_logits:
@@ -105,7 +132,10 @@ class Model:
     def _attention(self, i, layer, h, kv):
         cfg, a, ops = self.cfg, layer.attn, self.ops
         T, H, KV, hd = h.shape[0], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        q = self._linear(h, a.q)  # [T, H*hd]
+        q = self._linear(h, a.q)  # [T, H*hd]; gated: [T, H, 2 hd], each head's query then its gate
+        if cfg.attn_gate:
+            qg = q.reshape(T, H, 2 * hd)
+            q, gate = ops.xp.ascontiguousarray(qg[:, :, :hd]).reshape(T, H * hd), qg[:, :, hd:].reshape(T, H * hd)
         k = self._linear(h, a.k)  # [T, KV*hd]
         v = self._linear(h, a.v)
         if cfg.qk_norm == "full":
@@ -119,14 +149,38 @@ class Model:
                 ops.xp.clip(t, -cfg.clip_qkv, cfg.clip_qkv, out=t)
         q = ops.xp.ascontiguousarray(q.reshape(T, H, hd))
         k = ops.xp.ascontiguousarray(k.reshape(T, KV, hd))
-        start = kv.length
-        ops.rope(q, kv.cos, kv.sin, start)
-        ops.rope(k, kv.cos, kv.sin, start)
+        start, rot = kv.length, cfg.rotary_dim or hd
+        for x in (q, k):  # RoPE on the first rot dims of each head (Qwen3.5: a quarter)
+            ops.rope(x if rot == hd else x[:, :, :rot], kv.cos, kv.sin, start)
         kv.k[i][:, start : start + T] = k.transpose(1, 0, 2)
         kv.v[i][:, start : start + T] = v.reshape(T, KV, hd).transpose(1, 0, 2)
         out = ops.buffer((T, H, hd))
         ops.attention(q, kv.k[i], kv.v[i], start, out)
-        return self._linear(out.reshape(T, H * hd), a.o)
+        out = out.reshape(T, H * hd)
+        if cfg.attn_gate:
+            out = out / (np.float32(1.0) + ops.xp.exp(-gate))  # * sigmoid(gate)
+        return self._linear(out, a.o)
+
+    def _linear_attention(self, i, layer, h, kv):
+        """A Gated DeltaNet layer on h f32[T, D] (transformers' Qwen3_5MoeGatedDeltaNet): q | k | v
+        through a causal depthwise conv and SiLU, q and k L2-normalised (q also by dk^-0.5), value
+        head j reading key head j // (Hv / Hk); per token the state decays by exp(g), takes the
+        delta rule's update and is read by q; each value head RMS-normalised and gated by silu(z)."""
+        cfg, L, ops = self.cfg, layer.linear, self.ops
+        Hk, Hv, dk, dv, _ = cfg.linear_shape
+        T = h.shape[0]
+        mixed = ops.buffer((T, 2 * Hk * dk + Hv * dv))
+        ops.causal_conv(self._linear(h, L.qkv), L.conv, kv.conv[i], mixed)
+        q = ops.l2_norm(mixed[:, : Hk * dk].reshape(T * Hk, dk)) * np.float32(dk**-0.5)
+        k = ops.l2_norm(mixed[:, Hk * dk : 2 * Hk * dk].reshape(T * Hk, dk))
+        v = ops.xp.ascontiguousarray(mixed[:, 2 * Hk * dk :])
+        beta = np.float32(1.0) / (np.float32(1.0) + ops.xp.exp(-self._linear(h, L.b)))  # [T, Hv]
+        g = L.A * ops.softplus(self._linear(h, L.a) + L.dt_bias)  # [T, Hv]
+        core = ops.buffer((T, Hv, dv))
+        ops.gated_delta_rule(q.reshape(T, Hk, dk), k.reshape(T, Hk, dk), v.reshape(T, Hv, dv), g, beta, kv.ssm[i], core)
+        z = self._linear(h, L.z)  # [T, Hv*dv]
+        core = self._norm(core.reshape(T * Hv, dv), L.norm).reshape(T, Hv * dv)
+        return self._linear(core * (z / (np.float32(1.0) + ops.xp.exp(-z))), L.out)
 
     def _mlp(self, i, layer, u, h):
         """u f32[T, D] normalised input of the MLP; h f32[T, D] the residual it is added to (the

@@ -127,10 +127,10 @@ def test_launches_and_syncs_per_token(host_gpu, fake_copies, label, where):
         assert n["syncs"] == 1
 
 
-def test_launches_per_token_on_every_architecture(host_gpu, test_models):
+def test_launches_per_token_on_every_architecture(host_gpu, gpu_test_models):
     """Mixtral, Qwen2-MoE (dense layers, shared expert and its gate, qkv bias), Qwen3-MoE (a dense
     layer), OLMoE (full q/k norm, clip_qkv), every expert resident: the derived counts."""
-    for name, path in test_models.items():
+    for name, path in gpu_test_models.items():
         cfg, where, n = _counts(path, "resident")
         assert n == dict(launches=launches(cfg, where), cupy=cupy_kernels(cfg), uploads=1, syncs=1), name
 

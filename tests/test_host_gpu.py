@@ -119,9 +119,9 @@ def test_gpu_decoder_matches_the_cpu(host_gpu):
     _same_as_cpu(lowmoe.DEFAULT_MODEL)
 
 
-def test_gpu_decoder_matches_the_cpu_on_every_architecture(host_gpu, test_models):
+def test_gpu_decoder_matches_the_cpu_on_every_architecture(host_gpu, gpu_test_models):
     """Mixtral, Qwen2-MoE (shared expert), Qwen3-MoE, OLMoE (clip_qkv, full q/k norm); f32, f16, bf16."""
-    for path in test_models.values():
+    for path in gpu_test_models.values():
         _same_as_cpu(path)
 
 

@@ -274,3 +274,76 @@ def test_linear(dtype, T, D, R):
     out = nans(T, R)
     cpu.linear(x, w, dtype, out)
     assert_close(out, x.astype(np.float64) @ w64.T)
+
+
+# ------------------------------------------- Gated DeltaNet (Qwen3.5 / 3.6 linear attention)
+
+
+@pytest.mark.parametrize("T,C,K", [(1, 8, 4), (7, 33, 4), (5, 16, 3), (2, 5, 2)])
+def test_causal_conv_carries_its_window(T, C, K):
+    """out[t, c] = silu(sum_j w[c, j] window[t + j, c]) over window = [the K - 1 previous inputs; x];
+    one call over 2T inputs equals two calls over T each (the window carried between them)."""
+    g = rng(T, C, K)
+    x, w = randn(g, 2 * T, C), randn(g, C, K, scale=0.5)
+    window = np.concatenate([np.zeros((K - 1, C)), x.astype(np.float64)])
+    pre = np.stack([(w.astype(np.float64) * window[t : t + K].T).sum(1) for t in range(2 * T)])
+    ref = pre / (1 + np.exp(-pre))
+    state, out = np.zeros((K - 1, C), np.float32), nans(2 * T, C)
+    cpu.causal_conv(x, w, state, out)
+    assert_close(out, ref)
+    assert np.array_equal(state, window[-(K - 1) :].astype(np.float32))  # the last K - 1 of [zeros; x]
+    state, halves = np.zeros((K - 1, C), np.float32), [nans(T, C), nans(T, C)]
+    for part, o in zip((x[:T], x[T:]), halves):
+        cpu.causal_conv(np.ascontiguousarray(part), w, state, o)
+    assert np.array_equal(np.concatenate(halves), out)
+
+
+def delta_rule_ref(q, k, v, g, beta, S):
+    """float64 loop over tokens and value heads: S <- exp(g) S; S += k (beta (v - S^T k))^T; out = S^T q."""
+    T, Hk, _ = q.shape
+    Hv = v.shape[1]
+    S, out = S.astype(np.float64), np.empty(v.shape)
+    for t in range(T):
+        for h in range(Hv):
+            kk, qq = k[t, h // (Hv // Hk)].astype(np.float64), q[t, h // (Hv // Hk)].astype(np.float64)
+            S[h] *= np.exp(g[t, h])
+            delta = beta[t, h] * (v[t, h] - S[h].T @ kk)
+            S[h] += np.outer(kk, delta)
+            out[t, h] = S[h].T @ qq
+    return out, S
+
+
+@pytest.mark.parametrize("T,Hk,Hv,dk,dv", [(1, 2, 4, 16, 8), (6, 2, 2, 16, 16), (9, 1, 3, 8, 12), (33, 4, 8, 32, 32)])
+def test_gated_delta_rule(T, Hk, Hv, dk, dv):
+    """Against float64 from a non-zero state, value heads sharing key heads; the state carries over
+    between calls exactly as within one."""
+    g0 = rng(T, Hk, Hv, dk, dv)
+    q = cpu.l2_norm(randn(g0, T * Hk, dk)).reshape(T, Hk, dk) * np.float32(dk**-0.5)
+    k = cpu.l2_norm(randn(g0, T * Hk, dk)).reshape(T, Hk, dk)
+    v = randn(g0, T, Hv, dv)
+    g = -np.abs(randn(g0, T, Hv))
+    beta = g0.uniform(0.1, 0.9, (T, Hv)).astype(np.float32)
+    S0 = randn(g0, Hv, dk, dv, scale=0.3)
+    ref, ref_S = delta_rule_ref(q, k, v, g, beta, S0)
+    S, out = S0.copy(), nans(T, Hv, dv)
+    cpu.gated_delta_rule(q, k, v, g, beta, S, out)
+    assert_close(out, ref, 1e-5)
+    assert_close(S, ref_S, 1e-5)
+    if T > 1:
+        S2, parts = S0.copy(), []
+        for sl in (slice(0, T // 2), slice(T // 2, T)):
+            o = nans(sl.stop - sl.start, Hv, dv)
+            cpu.gated_delta_rule(*(np.ascontiguousarray(a[sl]) for a in (q, k, v, g, beta)), S2, o)
+            parts.append(o)
+        assert np.array_equal(np.concatenate(parts), out) and np.array_equal(S2, S)
+
+
+def test_l2_norm_and_softplus():
+    g = rng(0)
+    x = randn(g, 5, 16, scale=3.0)
+    x64 = x.astype(np.float64)
+    assert_close(cpu.l2_norm(x), x64 / np.sqrt((x64 * x64).sum(1, keepdims=True) + 1e-6))
+    z = np.array([-30, -2, 0, 3, 19.5, 20, 25, 80], np.float32)
+    got = cpu.softplus(z)
+    assert got.dtype == np.float32 and np.isfinite(got).all()
+    assert_close(got, np.where(z > 20, z, np.log1p(np.exp(z.astype(np.float64)))))

@@ -55,7 +55,8 @@ def test_bundled_model_identical_for_every_budget_and_storage(budget, storage, b
 
 
 @pytest.mark.parametrize("name", ["mixtral_f32", "mixtral_bf16_sharded", "qwen2_moe_f32", "qwen2_moe_bf16",
-                                  "qwen3_moe_f32", "qwen3_moe_f16_sharded", "olmoe_f32", "olmoe_bf16"])
+                                  "qwen3_moe_f32", "qwen3_moe_f16_sharded", "olmoe_f32", "olmoe_bf16",
+                                  "qwen3_5_moe_f32", "qwen3_5_moe_bf16"])
 def test_parity_checkpoints_identical_for_every_budget_and_storage(name, test_models, tmp_path):
     path = test_models[name]
     packed = str(tmp_path / "packed")

@@ -115,6 +115,27 @@ VARIANTS = {
              rope_theta=5e5, tie_word_embeddings=False),
         dict(),
     ),
+    # Qwen3.5 / 3.6-MoE text model (hybrid): Gated DeltaNet layers (value heads sharing key heads,
+    # dk != dv) and gated full attention with RoPE on a quarter of head_dim, (1 + w) norms, a shared
+    # expert with its sigmoid gate, top-k renormalised; layers alternating linear / full.
+    "qwen3_5_moe_f32": (
+        "qwen3_5_moe", "float32", 53,
+        dict(num_hidden_layers=4, full_attention_interval=2, head_dim=32, linear_num_key_heads=2,
+             linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=8, linear_conv_kernel_dim=4,
+             num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48,
+             rms_norm_eps=1e-6, rope_theta=1e4, tie_word_embeddings=False),
+        dict(),
+    ),
+    # bf16, three linear layers to one full (the released models' pattern), one value head per key
+    # head, a 3-tap conv, tied embeddings.
+    "qwen3_5_moe_bf16": (
+        "qwen3_5_moe", "bfloat16", 54,
+        dict(num_hidden_layers=4, layer_types=["linear_attention"] * 3 + ["full_attention"], head_dim=16,
+             linear_num_key_heads=2, linear_num_value_heads=2, linear_key_head_dim=16, linear_value_head_dim=16,
+             linear_conv_kernel_dim=3, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+             shared_expert_intermediate_size=32, rms_norm_eps=1e-5, rope_theta=5e4, tie_word_embeddings=True),
+        dict(),
+    ),
 }
 
 NAMES = list(VARIANTS)
@@ -131,6 +152,7 @@ def _classes(model_type):
         "qwen2_moe": (transformers.Qwen2MoeConfig, transformers.Qwen2MoeForCausalLM),
         "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM),
         "olmoe": (transformers.OlmoeConfig, transformers.OlmoeForCausalLM),
+        "qwen3_5_moe": (transformers.Qwen3_5MoeTextConfig, transformers.Qwen3_5MoeForCausalLM),
     }[model_type]
 
 

@@ -295,5 +295,65 @@ def expert_ffn(x, gate, up, down, dtype, out):
     linear(h, down, d, out)
 
 
+# Gated DeltaNet (Qwen3.5 / 3.6 linear attention), as transformers' torch fallbacks compute it.
+
+
+@numba.njit(**_JIT)
+def causal_conv(x, w, state, out):
+    """Causal depthwise conv of K taps and SiLU: x f32[T, C] new inputs; w f32[C, K]; state
+    f32[K - 1, C] the K - 1 inputs before x (zeros at the start), updated to the last K - 1 of
+    [state; x]; out f32[T, C][t, c] = silu(sum_j w[c, j] window[t + j, c]), window = [state; x]."""
+    T, C = x.shape
+    K = w.shape[1]
+    window = np.empty((K - 1 + T, C), np.float32)
+    window[: K - 1] = state
+    window[K - 1 :] = x
+    for t in range(T):
+        for c in range(C):
+            acc = np.float32(0.0)
+            for j in range(K):
+                acc += w[c, j] * window[t + j, c]
+            out[t, c] = acc / (np.float32(1.0) + np.exp(-acc))
+    state[:] = window[T:]
+
+
+def l2_norm(x, eps=1e-6):
+    """x f32[rows, n] -> new f32 rows x / sqrt(sum(x^2) + eps) (transformers' l2norm)."""
+    return x / np.sqrt(np.sum(x * x, axis=1, keepdims=True) + np.float32(eps))
+
+
+def softplus(x):
+    """log(1 + exp(x)) in f32, exactly x past 20 (torch's threshold)."""
+    return np.where(x > 20, x, np.log1p(np.exp(np.minimum(x, 20)))).astype(np.float32)
+
+
+@numba.njit(parallel=True, **_JIT)
+def gated_delta_rule(q, k, v, g, beta, S, out):
+    """The gated delta rule one token at a time: q, k f32[T, Hk, dk]; v f32[T, Hv, dv]; g, beta
+    f32[T, Hv]; S f32[Hv, dk, dv] the recurrent state, updated; out f32[T, Hv, dv]. Value head h
+    reads key head h // (Hv / Hk). Per token: S *= exp(g); delta = beta (v - S^T k);
+    S += k delta^T; out = S^T q."""
+    T, Hk, dk = q.shape
+    Hv, dv = v.shape[1], v.shape[2]
+    for h in prange(Hv):
+        hk = h // (Hv // Hk)
+        mem = np.empty(dv, np.float32)
+        for t in range(T):
+            decay = np.exp(g[t, h])
+            mem[:] = 0.0
+            for i in range(dk):
+                for j in range(dv):
+                    S[h, i, j] *= decay
+                    mem[j] += S[h, i, j] * k[t, hk, i]
+            for j in range(dv):
+                mem[j] = (v[t, h, j] - mem[j]) * beta[t, h]
+            for j in range(dv):
+                out[t, h, j] = 0.0
+            for i in range(dk):
+                for j in range(dv):
+                    S[h, i, j] += k[t, hk, i] * mem[j]
+                    out[t, h, j] += S[h, i, j] * q[t, hk, i]
+
+
 # Last: quant.py builds its kernels on _to_f32 and the flags above.
 from . import quant  # noqa: E402

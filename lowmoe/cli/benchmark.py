@@ -65,7 +65,9 @@ def _host(a):
 
 def load_context(engine, ids, room, cache_dir, progress=None):
     """The Context of `ids` with KV room for `room` tokens: from `cache_dir` when saved there by
-    an earlier bench, else prefilled (vram.PREFILL_CHUNK tokens at a time) and saved. -> (context, loaded)."""
+    an earlier bench, else prefilled (vram.PREFILL_CHUNK tokens at a time) and saved; a saved file
+    without some array the model needs (a linear-attention layer's state) is built again.
+    -> (context, loaded)."""
     cfg = engine.config
     path = None if cache_dir is None else os.path.join(cache_dir, f"context-{_context_key(engine, ids)}.npz")
     if path is not None and os.path.isfile(path):
@@ -73,17 +75,24 @@ def load_context(engine, ids, room, cache_dir, progress=None):
         try:
             with np.load(path) as saved:
                 for i in range(cfg.num_layers):
-                    kv.k[i][:, : len(ids)] = kv.xp.asarray(saved[f"k{i}"])
-                    kv.v[i][:, : len(ids)] = kv.xp.asarray(saved[f"v{i}"])
-                return Context(kv, saved["logits"], len(ids)), True
+                    if kv.k[i] is not None:
+                        kv.k[i][:, : len(ids)] = kv.xp.asarray(saved[f"k{i}"])
+                        kv.v[i][:, : len(ids)] = kv.xp.asarray(saved[f"v{i}"])
+                recurrent = [(kv.xp.asarray(saved[f"conv{j}"]), kv.xp.asarray(saved[f"ssm{j}"]))
+                             for j in range(len(kv.recurrent()))]
+                kv.restore(recurrent)
+                return Context(kv, saved["logits"], len(ids), recurrent), True
         except (OSError, ValueError, KeyError, zipfile.BadZipFile):
             pass  # unreadable or not what it should be: built again below and overwritten
     context = engine.prefill(ids, room, progress=progress)
     if path is not None:
         arrays = {"logits": context.logits}
         for i in range(cfg.num_layers):
-            arrays[f"k{i}"] = _host(context.kv.k[i][:, : len(ids)])
-            arrays[f"v{i}"] = _host(context.kv.v[i][:, : len(ids)])
+            if context.kv.k[i] is not None:
+                arrays[f"k{i}"] = _host(context.kv.k[i][:, : len(ids)])
+                arrays[f"v{i}"] = _host(context.kv.v[i][:, : len(ids)])
+        for j, (conv, ssm) in enumerate(context.recurrent):  # the linear-attention layers' state
+            arrays[f"conv{j}"], arrays[f"ssm{j}"] = _host(conv), _host(ssm)
         try:
             os.makedirs(cache_dir, exist_ok=True)
             np.savez(path + ".tmp.npz", **arrays)  # written whole, then renamed: never half a file

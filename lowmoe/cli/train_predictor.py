@@ -100,9 +100,10 @@ def train_pregate(engine, rec):
     return heads
 
 
-def write_heads(model, copy, heads):
-    """Writes `heads` into `copy` (a copy of `model`, made if absent) as pre_gate.safetensors, and
-    lists them in the copy's shard index if it has one. The original is never touched."""
+def write_heads(model, copy, heads, prefix="model."):
+    """Writes `heads` into `copy` (a copy of `model`, made if absent) as pre_gate.safetensors, named
+    under the model's tensor `prefix`, and lists them in the copy's shard index if it has one. The
+    original is never touched."""
     import json
     import shutil
 
@@ -117,7 +118,7 @@ def write_heads(model, copy, heads):
         shutil.copytree(model, copy)
     elif not os.path.isfile(os.path.join(copy, "config.json")):
         raise InputError(f"{copy}: not a model folder (no config.json); give a copy of {model} or a new path")
-    names = {f"model.layers.{n}.mlp.pre_gate.weight": np.ascontiguousarray(w, np.float32) for n, w in heads.items()}
+    names = {f"{prefix}layers.{n}.mlp.pre_gate.weight": np.ascontiguousarray(w, np.float32) for n, w in heads.items()}
     save_file(names, os.path.join(copy, "pre_gate.safetensors"))
     index = os.path.join(copy, "model.safetensors.index.json")
     if os.path.isfile(index):
@@ -160,7 +161,7 @@ def main(args):
         t1 = time.perf_counter()
         if args.kind == "pregate":
             layers = train_pregate(engine, rec)
-            write_heads(model, out, layers)
+            write_heads(model, out, layers, engine.config.prefix)
         else:
             layers = train(engine, rec)
             save(out, engine.config, layers)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, fields
 
 from ..errors import ConfigError, InputError
 
-SUPPORTED = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+SUPPORTED = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "qwen3_5_moe", "qwen3_5_moe_text")
 
 # Per architecture: (MoE block prefix, expert projection names (gate, up, down)).
 _EXPERT_NAMES = {
@@ -19,9 +19,10 @@ _EXPERT_NAMES = {
     "qwen2_moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "qwen3_moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "olmoe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+    "qwen3_5_moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
 }
-_DEFAULT_THETA = {"mixtral": 1e6, "qwen2_moe": 1e4, "qwen3_moe": 1e4, "olmoe": 1e4}
-_DEFAULT_EPS = {"mixtral": 1e-5, "qwen2_moe": 1e-6, "qwen3_moe": 1e-6, "olmoe": 1e-5}
+_DEFAULT_THETA = {"mixtral": 1e6, "qwen2_moe": 1e4, "qwen3_moe": 1e4, "olmoe": 1e4, "qwen3_5_moe": 1e4}
+_DEFAULT_EPS = {"mixtral": 1e-5, "qwen2_moe": 1e-6, "qwen3_moe": 1e-6, "olmoe": 1e-5, "qwen3_5_moe": 1e-6}
 
 
 @dataclass(frozen=True)
@@ -48,15 +49,31 @@ class ModelConfig:
     qkv_bias: bool
     o_bias: bool
     eos_token_ids: tuple
+    # Qwen3.5 / 3.6-MoE (hybrid): the tensors' prefix ("model.language_model." in a multimodal
+    # checkpoint), each layer's token mixer ("attention" or "linear": Gated DeltaNet), the DeltaNet
+    # shapes (key heads, value heads, key dim, value dim, conv kernel), RoPE on the first rotary_dim
+    # dims of a head (0: all), attention gated by a sigmoid of q_proj's second half, and norms
+    # scaled by (1 + w) (folded into the weights at load).
+    prefix: str = "model."
+    mixers: tuple = ()  # empty: every layer "attention"
+    linear_shape: tuple = ()
+    rotary_dim: int = 0
+    attn_gate: bool = False
+    norm_offset: bool = False
 
     @property
     def moe_prefix(self):
         return _EXPERT_NAMES[self.model_type][0]
 
+    @property
+    def layer_mixers(self):
+        """Each layer's token mixer: "attention" or "linear" (Gated DeltaNet)."""
+        return self.mixers or ("attention",) * self.num_layers
+
     def expert_tensor_names(self, layer, expert):
         """(gate, up, down) tensor names of one routed expert; gate/up [I, D], down [D, I]."""
         prefix, (g, u, d) = _EXPERT_NAMES[self.model_type]
-        base = f"model.layers.{layer}.{prefix}.experts.{expert}."
+        base = f"{self.prefix}layers.{layer}.{prefix}.experts.{expert}."
         return base + g + ".weight", base + u + ".weight", base + d + ".weight"
 
     @property
@@ -114,12 +131,49 @@ def load_model_config(model_dir):
     return parse_model_config(cfg, path)
 
 
+def _qwen3_5(cfg, path):
+    """(the text model's config, tensor prefix, hybrid fields) of a qwen3_5_moe(_text) config.json: a
+    multimodal checkpoint nests the text model in text_config and prefixes its tensors with
+    model.language_model."""
+    prefix = "model."
+    if cfg["model_type"] == "qwen3_5_moe":
+        text = cfg.get("text_config")
+        if not isinstance(text, dict):
+            raise ConfigError(f"{path}: model_type 'qwen3_5_moe' without a 'text_config' object")
+        cfg = {"tie_word_embeddings": cfg.get("tie_word_embeddings", False), **text}
+        prefix = "model.language_model."
+    layers = _get(cfg, path, "num_hidden_layers", int)
+    kinds = cfg.get("layer_types")
+    if kinds is None:
+        interval = _get(cfg, path, "full_attention_interval", int, 4)
+        kinds = ["full_attention" if (i + 1) % interval == 0 else "linear_attention" for i in range(layers)]
+    if not isinstance(kinds, list) or len(kinds) != layers or set(kinds) - {"full_attention", "linear_attention"}:
+        raise ConfigError(f"{path}: 'layer_types' must list 'full_attention' or 'linear_attention' for each of "
+                          f"the {layers} layers")
+    rope = cfg.get("rope_parameters") or {}  # M-RoPE (mrope_section) on text positions is plain RoPE
+    heads = _get(cfg, path, "num_attention_heads", int)
+    head_dim = cfg.get("head_dim") or _get(cfg, path, "hidden_size", int) // heads
+    factor = float(rope.get("partial_rotary_factor", 0.25))
+    shape = tuple(_get(cfg, path, k, int, d) for k, d in (("linear_num_key_heads", 16), ("linear_num_value_heads", 32),
+                                                           ("linear_key_head_dim", 128), ("linear_value_head_dim", 128),
+                                                           ("linear_conv_kernel_dim", 4)))
+    if shape[1] % shape[0]:
+        raise ConfigError(f"{path}: linear_num_value_heads {shape[1]} is not a multiple of linear_num_key_heads {shape[0]}")
+    extra = dict(prefix=prefix, mixers=tuple("attention" if k == "full_attention" else "linear" for k in kinds),
+                 linear_shape=shape, rotary_dim=int(head_dim * factor), attn_gate=True, norm_offset=True)
+    return cfg, extra
+
+
 def parse_model_config(cfg, path="config.json"):
     model_type = cfg.get("model_type")
     if model_type not in SUPPORTED:
         raise ConfigError(
             f"{path}: unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED)}"
         )
+    hybrid = {}
+    if model_type.startswith("qwen3_5_moe"):
+        cfg, hybrid = _qwen3_5(cfg, path)
+        model_type = "qwen3_5_moe"
     _check_no_sliding_window(cfg, path, model_type)
     act = cfg.get("hidden_act", "silu")
     if act != "silu":
@@ -136,7 +190,10 @@ def parse_model_config(cfg, path="config.json"):
     if heads % kv_heads or not 0 < top_k <= experts:
         raise ConfigError(f"{path}: inconsistent heads ({heads}/{kv_heads}) or experts ({top_k} of {experts})")
 
-    if model_type in ("qwen2_moe", "qwen3_moe"):
+    if model_type == "qwen3_5_moe":  # every layer sparse
+        expert_inter = dense_inter = _get(cfg, path, "moe_intermediate_size", int)
+        sparse = (True,) * layers
+    elif model_type in ("qwen2_moe", "qwen3_moe"):
         expert_inter = _get(cfg, path, "moe_intermediate_size", int)
         dense_inter = _get(cfg, path, "intermediate_size", int)
         step = _get(cfg, path, "decoder_sparse_step", int, 1)
@@ -149,13 +206,16 @@ def parse_model_config(cfg, path="config.json"):
     shared = 0
     if model_type == "qwen2_moe":
         shared = _get(cfg, path, "shared_expert_intermediate_size", int, 5632)
+    elif model_type == "qwen3_5_moe":
+        shared = _get(cfg, path, "shared_expert_intermediate_size", int)
     qkv_bias = {
         "mixtral": False,
         "qwen2_moe": bool(cfg.get("qkv_bias", True)),
         "qwen3_moe": bool(cfg.get("attention_bias", False)),
         "olmoe": bool(cfg.get("attention_bias", False)),
+        "qwen3_5_moe": bool(cfg.get("attention_bias", False)),
     }[model_type]
-    o_bias = model_type in ("qwen3_moe", "olmoe") and qkv_bias
+    o_bias = model_type in ("qwen3_moe", "olmoe", "qwen3_5_moe") and qkv_bias
     eos = cfg.get("eos_token_id")
     eos = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
 
@@ -172,16 +232,17 @@ def parse_model_config(cfg, path="config.json"):
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         num_experts=experts,
         top_k=top_k,
-        norm_topk_prob=True if model_type == "mixtral" else bool(cfg.get("norm_topk_prob", False)),
+        norm_topk_prob=model_type in ("mixtral", "qwen3_5_moe") or bool(cfg.get("norm_topk_prob", False)),
         expert_intermediate=expert_inter,
         dense_intermediate=dense_inter,
         sparse_layers=sparse,
         shared_expert_intermediate=shared,
-        qk_norm={"qwen3_moe": "head", "olmoe": "full"}.get(model_type, "none"),
+        qk_norm={"qwen3_moe": "head", "olmoe": "full", "qwen3_5_moe": "head"}.get(model_type, "none"),
         clip_qkv=float(cfg.get("clip_qkv") or 0.0) if model_type == "olmoe" else 0.0,
         qkv_bias=qkv_bias,
         o_bias=o_bias,
         eos_token_ids=eos,
+        **hybrid,
     )
 
 

@@ -44,15 +44,32 @@ class Attention:
 
 
 @dataclass
+class LinearAttention:
+    """A Gated DeltaNet token mixer (Qwen3.5 / 3.6): Hk key heads of dk, Hv value heads of dv, C = 2 Hk
+    dk + Hv dv channels of q | k | v, a causal depthwise conv of K taps over them."""
+
+    qkv: Matrix  # [C, D]
+    z: Matrix  # [Hv*dv, D]: the output gate
+    b: Matrix  # [Hv, D]: beta = sigmoid(b x)
+    a: Matrix  # [Hv, D]: the decay's input
+    conv: np.ndarray  # f32[C, K]
+    dt_bias: np.ndarray  # f32[Hv]
+    A: np.ndarray  # f32[Hv] = -exp(A_log): g = A softplus(a x + dt_bias)
+    norm: np.ndarray  # f32[dv]: the gated RMSNorm of each value head (plain weight)
+    out: Matrix  # [D, Hv*dv]
+
+
+@dataclass
 class Layer:
     input_norm: np.ndarray  # [D]
     post_norm: np.ndarray  # [D]
-    attn: Attention
+    attn: Attention  # None on a linear-attention layer
     router: Matrix = None  # [E, D] on MoE layers
     mlp: FFN = None  # dense layers
     shared: FFN = None  # the Qwen2-MoE shared expert
     shared_gate: Matrix = None  # [1, D]
     pre_gate: Matrix = None  # [E of the next MoE layer, D]: a pre-gate head shipped in the checkpoint
+    linear: LinearAttention = None  # the token mixer of a linear-attention layer
 
 
 @dataclass
@@ -83,17 +100,35 @@ def _mlp(ckpt, prefix, inter, hidden):
     return ffn(ckpt, [prefix + n + ".weight" for n in ("gate_proj", "up_proj", "down_proj")], inter, hidden)
 
 
+def _norm(ckpt, cfg, name, n):
+    """A norm weight f32[n]; with cfg.norm_offset the (1 + w) it scales by (Qwen3.5), as transformers
+    adds it in f32."""
+    w = ckpt.read_f32(name, (n,))
+    return np.float32(1.0) + w if cfg.norm_offset else w
+
+
+def _linear_attention(ckpt, cfg, p):
+    D, (Hk, Hv, dk, dv, K) = cfg.hidden_size, cfg.linear_shape
+    C = 2 * Hk * dk + Hv * dv
+    conv = ckpt.read_f32(p + "conv1d.weight", (C, 1, K)).reshape(C, K)
+    return LinearAttention(qkv=_matrix(ckpt, p + "in_proj_qkv.weight", (C, D)), z=_matrix(ckpt, p + "in_proj_z.weight", (Hv * dv, D)),
+                           b=_matrix(ckpt, p + "in_proj_b.weight", (Hv, D)), a=_matrix(ckpt, p + "in_proj_a.weight", (Hv, D)),
+                           conv=np.ascontiguousarray(conv), dt_bias=ckpt.read_f32(p + "dt_bias", (Hv,)),
+                           A=-np.exp(ckpt.read_f32(p + "A_log", (Hv,))), norm=ckpt.read_f32(p + "norm.weight", (dv,)),
+                           out=_matrix(ckpt, p + "out_proj.weight", (D, Hv * dv)))
+
+
 def _attention(ckpt, cfg, p):
     D, H, KV, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    a = Attention(
-        q=_matrix(ckpt, p + "q_proj.weight", (H * hd, D), cfg.qkv_bias),
+    a = Attention(  # q_proj of a gated attention: per head its query, then its gate (2 hd rows)
+        q=_matrix(ckpt, p + "q_proj.weight", ((2 if cfg.attn_gate else 1) * H * hd, D), cfg.qkv_bias),
         k=_matrix(ckpt, p + "k_proj.weight", (KV * hd, D), cfg.qkv_bias),
         v=_matrix(ckpt, p + "v_proj.weight", (KV * hd, D), cfg.qkv_bias),
         o=_matrix(ckpt, p + "o_proj.weight", (D, H * hd), cfg.o_bias),
     )
     if cfg.qk_norm == "head":
-        a.q_norm = ckpt.read_f32(p + "q_norm.weight", (hd,))
-        a.k_norm = ckpt.read_f32(p + "k_norm.weight", (hd,))
+        a.q_norm = _norm(ckpt, cfg, p + "q_norm.weight", hd)
+        a.k_norm = _norm(ckpt, cfg, p + "k_norm.weight", hd)
     elif cfg.qk_norm == "full":
         a.q_norm = ckpt.read_f32(p + "q_norm.weight", (H * hd,))
         a.k_norm = ckpt.read_f32(p + "k_norm.weight", (KV * hd,))
@@ -104,12 +139,13 @@ def load_dense(ckpt: Checkpoint, cfg):
     """Every non-expert weight, float32, shapes checked against the config."""
     D, V = cfg.hidden_size, cfg.vocab_size
     layers = []
-    for i in range(cfg.num_layers):
-        p = f"model.layers.{i}."
+    for i, mixer in enumerate(cfg.layer_mixers):
+        p = f"{cfg.prefix}layers.{i}."
         layer = Layer(
-            input_norm=ckpt.read_f32(p + "input_layernorm.weight", (D,)),
-            post_norm=ckpt.read_f32(p + "post_attention_layernorm.weight", (D,)),
-            attn=_attention(ckpt, cfg, p + "self_attn."),
+            input_norm=_norm(ckpt, cfg, p + "input_layernorm.weight", D),
+            post_norm=_norm(ckpt, cfg, p + "post_attention_layernorm.weight", D),
+            attn=_attention(ckpt, cfg, p + "self_attn.") if mixer == "attention" else None,
+            linear=_linear_attention(ckpt, cfg, p + "linear_attn.") if mixer == "linear" else None,
         )
         if cfg.sparse_layers[i]:
             layer.router = _matrix(ckpt, f"{p}{cfg.moe_prefix}.gate.weight", (cfg.num_experts, D))
@@ -124,17 +160,12 @@ def load_dense(ckpt: Checkpoint, cfg):
         else:
             layer.mlp = _mlp(ckpt, p + "mlp.", cfg.dense_intermediate, D)
         layers.append(layer)
-    embed = _matrix(ckpt, "model.embed_tokens.weight", (V, D))
+    embed = _matrix(ckpt, f"{cfg.prefix}embed_tokens.weight", (V, D))
     if cfg.tie_word_embeddings and "lm_head.weight" not in ckpt:
         lm_head = embed
     else:
         lm_head = _matrix(ckpt, "lm_head.weight", (V, D))
-    return Weights(embed=embed, norm=ckpt.read_f32("model.norm.weight", (D,)), lm_head=lm_head, layers=layers)
-
-
-def load_expert(ckpt, cfg, layer, expert):
-    """One routed expert as stored, shapes and dtypes checked."""
-    return ffn(ckpt, cfg.expert_tensor_names(layer, expert), cfg.expert_intermediate, cfg.hidden_size)
+    return Weights(embed=embed, norm=_norm(ckpt, cfg, f"{cfg.prefix}norm.weight", D), lm_head=lm_head, layers=layers)
 
 
 def to_device(w, put, memo=None):
@@ -182,8 +213,11 @@ def device_bytes(dense):
 
     total = matrix(dense.embed) + size(dense.norm) + matrix(dense.lm_head)
     for layer in dense.layers:
-        a = layer.attn
-        total += size(layer.input_norm) + size(layer.post_norm) + size(a.q_norm) + size(a.k_norm)
-        total += sum(matrix(m) for m in (a.q, a.k, a.v, a.o, layer.router, layer.shared_gate))
-        total += ffn(layer.mlp) + ffn(layer.shared)
+        total += size(layer.input_norm) + size(layer.post_norm) + ffn(layer.mlp) + ffn(layer.shared)
+        total += sum(matrix(m) for m in (layer.router, layer.shared_gate))
+        a, L = layer.attn, layer.linear
+        if a is not None:
+            total += size(a.q_norm) + size(a.k_norm) + sum(matrix(m) for m in (a.q, a.k, a.v, a.o))
+        if L is not None:
+            total += sum(size(v) for v in (L.conv, L.dt_bias, L.A, L.norm)) + sum(matrix(m) for m in (L.qkv, L.z, L.b, L.a, L.out))
     return total

@@ -33,7 +33,7 @@ from ..load.gguf_write import write_gguf
 from ..load.model import DENSE_GGUF, open_model
 from ..predict.learned import FILENAME, predictor_file
 from .slots import aligned_empty
-from .store import FORMAT, GGUF_EXPERTS, INDEX, ROLES, VERSION, is_packed, open_store
+from .store import FORMAT, GGUF_EXPERTS, INDEX, ROLES, VERSION, expert_tensors, is_packed, open_store
 
 COPIED = ("config.json", "tokenizer.json", "generation_config.json", FILENAME)
 DENSE, BLOB = "dense.safetensors", "experts.bin"
@@ -66,7 +66,7 @@ def pack_model(model_dir, out_dir, progress=None):
             experts = {GGUF_EXPERTS.format(layer=l, role=r) for l in store.layers for r in ROLES}
             nbytes = _write_dense_gguf(ckpt, experts, os.path.join(tmp, DENSE_GGUF))
         else:
-            experts = {n for l in store.layers for e in range(store.experts) for n in cfg.expert_tensor_names(l, e)}
+            experts = {t.name for infos in expert_tensors(ckpt, cfg)[1].values() for t in infos}
             dense = [t for name, t in sorted(ckpt.tensors.items()) if name not in experts]
             nbytes = write_safetensors(os.path.join(tmp, DENSE), dense)
         blocks = _write_experts(store, os.path.join(tmp, BLOB), progress)

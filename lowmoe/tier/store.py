@@ -17,6 +17,7 @@ GIL is released while the kernel copies.
 import errno
 import json
 import os
+from dataclasses import replace
 
 import numpy as np
 
@@ -47,14 +48,36 @@ def _read_into(fd, buf, offset, path):
     return got
 
 
+def _fused_experts(ckpt, cfg, layer):
+    """[(gate, up, down) TensorInfo] of `layer`'s experts when they are stored fused, as the Qwen3.5 /
+    3.6 hub checkpoints hold them (experts.gate_up_proj [E, 2I, D], gate rows first; experts.down_proj
+    [E, D, I]): each expert's three parts are byte ranges of those two. None when not fused."""
+    base = f"{cfg.prefix}layers.{layer}.{cfg.moe_prefix}.experts."
+    if base + "gate_up_proj" not in ckpt:
+        return None
+    E, I, D = cfg.num_experts, cfg.expert_intermediate, cfg.hidden_size
+    gu, down = ckpt.info(base + "gate_up_proj", (E, 2 * I, D)), ckpt.info(base + "down_proj", (E, D, I))
+    part = gu.nbytes // (2 * E)  # bytes of one expert's gate (or up): [I, D]
+    return [(replace(gu, offset=gu.offset + 2 * e * part, nbytes=part, shape=(I, D)),
+             replace(gu, offset=gu.offset + (2 * e + 1) * part, nbytes=part, shape=(I, D)),
+             replace(down, offset=down.offset + e * down.nbytes // E, nbytes=down.nbytes // E, shape=(D, I)))
+            for e in range(E)]
+
+
 def expert_tensors(ckpt, cfg):
-    """(layout, {(layer, expert): (gate, up, down) TensorInfo}) with shapes and the one dtype checked."""
+    """(layout, {(layer, expert): (gate, up, down) TensorInfo}) with shapes and the one dtype checked;
+    experts stored one tensor each, or fused (_fused_experts: the infos are then byte ranges of the
+    fused tensors, under their names)."""
     I, D = cfg.expert_intermediate, cfg.hidden_size
     shapes = ((I, D), (I, D), (D, I))
     tensors, first = {}, None
     for layer in cfg.moe_layers:
+        fused = _fused_experts(ckpt, cfg, layer)
         for e in range(cfg.num_experts):
-            infos = tuple(ckpt.info(n, s) for n, s in zip(cfg.expert_tensor_names(layer, e), shapes))
+            if fused is None:
+                infos = tuple(ckpt.info(n, s) for n, s in zip(cfg.expert_tensor_names(layer, e), shapes))
+            else:
+                infos = fused[e]
             first = first or infos[0]
             for t in infos:
                 if t.dtype != first.dtype:

@@ -1,0 +1,142 @@
+"""Qwen3.5 / 3.6-MoE, the hybrid of Gated DeltaNet and gated attention layers, beyond test_parity's
+logits and greedy tokens against transformers: a multimodal checkpoint's text model, the recurrent
+state carried by a Context (prefill then decode, twice from one Context) and by the bench's saved
+contexts, every predictor and lookahead, and device 'cuda' refused in one line."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+import lowmoe
+from lowmoe.cli.benchmark import load_context
+
+PROMPT = [5, 17, 300, 42, 9, 77, 100, 3, 11, 200, 150, 7]
+
+
+def _run(engine, n=12):
+    return engine.generate(PROMPT, n, stop_at_eos=False).tokens, engine.logits(PROMPT)
+
+
+@pytest.fixture(scope="module")
+def hybrid(test_models):
+    return test_models["qwen3_5_moe_f32"]
+
+
+def test_a_multimodal_checkpoint_decodes_its_text_model(hybrid, tmp_path):
+    """model_type qwen3_5_moe: the text model's config under text_config, its tensors under
+    model.language_model. beside the vision tower's (model.visual.*, ignored)."""
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(os.path.join(hybrid, "model.safetensors"))
+    renamed = {("model.language_model." + k[len("model."):] if k.startswith("model.") else k): v for k, v in tensors.items()}
+    renamed["model.visual.patch_embed.proj.weight"] = np.zeros((4, 4), np.float32)
+    save_file(renamed, str(tmp_path / "model.safetensors"))
+    with open(os.path.join(hybrid, "config.json"), encoding="utf-8") as f:
+        text = json.load(f)
+    with open(tmp_path / "config.json", "w", encoding="utf-8") as f:
+        json.dump({"model_type": "qwen3_5_moe", "tie_word_embeddings": False, "text_config": text,
+                   "vision_config": {"depth": 1}}, f)
+    with lowmoe.Engine.from_pretrained(hybrid) as e:
+        want_tokens, want_logits = _run(e)
+    with lowmoe.Engine.from_pretrained(str(tmp_path)) as e:
+        assert e.config.prefix == "model.language_model."
+        tokens, logits = _run(e)
+    assert tokens == want_tokens and np.array_equal(logits, want_logits)
+
+
+def test_a_context_carries_the_recurrent_state(hybrid):
+    """Decoding from a prefilled Context twice gives the same tokens, those of generate: stream_from
+    puts the DeltaNet layers' conv windows and states back to the prompt's end each time."""
+    with lowmoe.Engine.from_pretrained(hybrid) as e:
+        want = e.generate(PROMPT, 10, stop_at_eos=False).tokens
+        context = e.prefill(PROMPT, room=10)
+        assert len(context.recurrent) == e.config.layer_mixers.count("linear")
+        for _ in range(2):
+            assert list(e.stream_from(context, 10, stop_at_eos=False)) == want
+
+
+def test_a_saved_bench_context_holds_the_recurrent_state(hybrid, tmp_path):
+    with lowmoe.Engine.from_pretrained(hybrid) as e:
+        built, loaded = load_context(e, PROMPT, 6, str(tmp_path))
+        want = list(e.stream_from(built, 6, stop_at_eos=False))
+        again, loaded_again = load_context(e, PROMPT, 6, str(tmp_path))
+        assert (loaded, loaded_again) == (False, True)
+        assert np.array_equal(again.logits, built.logits)
+        assert list(e.stream_from(again, 6, stop_at_eos=False)) == want
+
+
+def test_a_context_saved_without_the_state_is_built_again(hybrid, tmp_path):
+    """A context file from before the state was saved (k/v only): rebuilt, never misread."""
+    with lowmoe.Engine.from_pretrained(hybrid) as e:
+        built, _ = load_context(e, PROMPT, 4, str(tmp_path))
+        (path,) = tmp_path.iterdir()
+        with np.load(path) as saved:
+            old = {k: saved[k] for k in saved.files if not k.startswith(("conv", "ssm"))}
+        np.savez(path, **old)
+        again, loaded = load_context(e, PROMPT, 4, str(tmp_path))
+        assert not loaded and np.array_equal(again.logits, built.logits)
+
+
+@pytest.mark.parametrize("options", [dict(predictor="nextgate", lookahead=2), dict(predictor="history"),
+                                     dict(predictor="none", readers=2)])
+def test_every_predictor_gives_the_resident_tokens(hybrid, options):
+    with lowmoe.Engine.from_pretrained(hybrid) as e:
+        want_tokens, want_logits = _run(e)
+    with lowmoe.Engine.from_pretrained(hybrid, expert_cache="min", **options) as e:
+        tokens, logits = _run(e)
+        assert e.model.experts.stats()["misses"] > 0
+    assert tokens == want_tokens and np.array_equal(logits, want_logits)
+
+
+def test_the_gpu_refuses_it_in_one_line(hybrid, host_gpu):
+    with pytest.raises(lowmoe.DeviceError, match="Gated DeltaNet layers of qwen3_5_moe run on the CPU only") as err:
+        lowmoe.Engine.from_pretrained(hybrid, device="cuda")
+    assert "\n" not in str(err.value)
+
+
+def test_info_shows_the_linear_layers_and_the_state(hybrid, capsys):
+    from lowmoe.cli.__main__ import main as cli
+
+    assert cli(["info", hybrid, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["linear_attention_layers"] == [0, 2]  # full_attention_interval 2
+    assert info["kv_bytes_per_token"] == 2 * 2 * 2 * 32 * 4  # 2 attention layers, k and v, 2 KV heads of 32
+    # per linear layer: the conv window of 3 inputs of 2*2*16 + 4*8 channels, the state [4, 16, 8]; f32
+    assert info["state_bytes"] == 2 * (3 * 96 + 4 * 16 * 8) * 4
+
+
+def test_fused_experts_decode_as_per_expert_ones(hybrid, tmp_path):
+    """The hub checkpoints' layout (experts.gate_up_proj [E, 2I, D], gate rows first, and
+    experts.down_proj [E, D, I]): each expert read as byte ranges of those, resident, through the
+    expert cache and from a packed copy (whose dense part leaves them out)."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    from lowmoe.load.config import load_model_config
+    from lowmoe.tier.pack import pack_model
+
+    cfg = load_model_config(hybrid)
+    tensors = load_file(os.path.join(hybrid, "model.safetensors"))
+    for layer in cfg.moe_layers:
+        names = [cfg.expert_tensor_names(layer, e) for e in range(cfg.num_experts)]
+        base = f"model.layers.{layer}.mlp.experts."
+        tensors[base + "gate_up_proj"] = np.stack([np.concatenate([tensors[g], tensors[u]]) for g, u, _ in names])
+        tensors[base + "down_proj"] = np.stack([tensors[d] for _, _, d in names])
+        for n in sum(map(list, names), []):
+            del tensors[n]
+    fused = tmp_path / "fused"
+    fused.mkdir()
+    save_file(tensors, str(fused / "model.safetensors"))
+    shutil.copy(os.path.join(hybrid, "config.json"), fused)
+    pack_model(str(fused), str(tmp_path / "packed"))
+    dense = load_file(str(tmp_path / "packed" / "dense.safetensors"))
+    assert not any(".experts." in n for n in dense)
+    with lowmoe.Engine.from_pretrained(hybrid) as e:
+        want = _run(e)
+    for path, options in ((fused, {}), (fused, dict(expert_cache="min")), (tmp_path / "packed", dict(expert_cache="25%"))):
+        with lowmoe.Engine.from_pretrained(str(path), **options) as e:
+            tokens, logits = _run(e)
+        assert tokens == want[0] and np.array_equal(logits, want[1]), (path, options)
