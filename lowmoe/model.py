@@ -164,7 +164,7 @@ class Model:
     def _linear_attention(self, i, layer, h, kv):
         """A Gated DeltaNet layer on h f32[T, D] (transformers' Qwen3_5MoeGatedDeltaNet): q | k | v
         through a causal depthwise conv and SiLU, q and k L2-normalised (q also by dk^-0.5), value
-        head j reading key head j // (Hv / Hk); per token the state decays by exp(g), takes the
+        head j reading key head j // (Hv / Hk) (j % Hk in a GGUF's order); per token the state decays by exp(g), takes the
         delta rule's update and is read by q; each value head RMS-normalised and gated by silu(z)."""
         cfg, L, ops = self.cfg, layer.linear, self.ops
         Hk, Hv, dk, dv, _ = cfg.linear_shape
@@ -177,7 +177,8 @@ class Model:
         beta = np.float32(1.0) / (np.float32(1.0) + ops.xp.exp(-self._linear(h, L.b)))  # [T, Hv]
         g = L.A * ops.softplus(self._linear(h, L.a) + L.dt_bias)  # [T, Hv]
         core = ops.buffer((T, Hv, dv))
-        ops.gated_delta_rule(q.reshape(T, Hk, dk), k.reshape(T, Hk, dk), v.reshape(T, Hv, dv), g, beta, kv.ssm[i], core)
+        ops.gated_delta_rule(q.reshape(T, Hk, dk), k.reshape(T, Hk, dk), v.reshape(T, Hv, dv), g, beta, kv.ssm[i], core,
+                             cfg.tiled_value_heads)
         z = self._linear(h, L.z)  # [T, Hv*dv]
         core = self._norm(core.reshape(T * Hv, dv), L.norm).reshape(T, Hv * dv)
         return self._linear(core * (z / (np.float32(1.0) + ops.xp.exp(-z))), L.out)

@@ -80,7 +80,7 @@ def test_a_missing_or_misshapen_tensor_is_a_clear_error(reference, tmp_path):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    with pytest.raises(CheckpointError, match="missing tensor 'blk.0.attn_q.weight'"):
+    with pytest.raises(CheckpointError, match="missing tensor 'blk.0.attn_norm.weight'"):
         load_dense_gguf(GGUF(path), cfg)
     with pytest.raises(CheckpointError, match=r"tensor 'token_embd.weight' has shape \[3, 5\], expected"):
         from lowmoe.load.gguf_weights import matrix

@@ -298,14 +298,15 @@ def test_causal_conv_carries_its_window(T, C, K):
     assert np.array_equal(np.concatenate(halves), out)
 
 
-def delta_rule_ref(q, k, v, g, beta, S):
+def delta_rule_ref(q, k, v, g, beta, S, tiled):
     """float64 loop over tokens and value heads: S <- exp(g) S; S += k (beta (v - S^T k))^T; out = S^T q."""
     T, Hk, _ = q.shape
     Hv = v.shape[1]
     S, out = S.astype(np.float64), np.empty(v.shape)
     for t in range(T):
         for h in range(Hv):
-            kk, qq = k[t, h // (Hv // Hk)].astype(np.float64), q[t, h // (Hv // Hk)].astype(np.float64)
+            hk = h % Hk if tiled else h // (Hv // Hk)
+            kk, qq = k[t, hk].astype(np.float64), q[t, hk].astype(np.float64)
             S[h] *= np.exp(g[t, h])
             delta = beta[t, h] * (v[t, h] - S[h].T @ kk)
             S[h] += np.outer(kk, delta)
@@ -313,10 +314,11 @@ def delta_rule_ref(q, k, v, g, beta, S):
     return out, S
 
 
+@pytest.mark.parametrize("tiled", [False, True])
 @pytest.mark.parametrize("T,Hk,Hv,dk,dv", [(1, 2, 4, 16, 8), (6, 2, 2, 16, 16), (9, 1, 3, 8, 12), (33, 4, 8, 32, 32)])
-def test_gated_delta_rule(T, Hk, Hv, dk, dv):
-    """Against float64 from a non-zero state, value heads sharing key heads; the state carries over
-    between calls exactly as within one."""
+def test_gated_delta_rule(T, Hk, Hv, dk, dv, tiled):
+    """Against float64 from a non-zero state, value heads sharing key heads (grouped as transformers
+    orders them, or tiled as a GGUF does); the state carries over between calls exactly as within one."""
     g0 = rng(T, Hk, Hv, dk, dv)
     q = cpu.l2_norm(randn(g0, T * Hk, dk)).reshape(T, Hk, dk) * np.float32(dk**-0.5)
     k = cpu.l2_norm(randn(g0, T * Hk, dk)).reshape(T, Hk, dk)
@@ -324,16 +326,16 @@ def test_gated_delta_rule(T, Hk, Hv, dk, dv):
     g = -np.abs(randn(g0, T, Hv))
     beta = g0.uniform(0.1, 0.9, (T, Hv)).astype(np.float32)
     S0 = randn(g0, Hv, dk, dv, scale=0.3)
-    ref, ref_S = delta_rule_ref(q, k, v, g, beta, S0)
+    ref, ref_S = delta_rule_ref(q, k, v, g, beta, S0, tiled)
     S, out = S0.copy(), nans(T, Hv, dv)
-    cpu.gated_delta_rule(q, k, v, g, beta, S, out)
+    cpu.gated_delta_rule(q, k, v, g, beta, S, out, tiled)
     assert_close(out, ref, 1e-5)
     assert_close(S, ref_S, 1e-5)
     if T > 1:
         S2, parts = S0.copy(), []
         for sl in (slice(0, T // 2), slice(T // 2, T)):
             o = nans(sl.stop - sl.start, Hv, dv)
-            cpu.gated_delta_rule(*(np.ascontiguousarray(a[sl]) for a in (q, k, v, g, beta)), S2, o)
+            cpu.gated_delta_rule(*(np.ascontiguousarray(a[sl]) for a in (q, k, v, g, beta)), S2, o, tiled)
             parts.append(o)
         assert np.array_equal(np.concatenate(parts), out) and np.array_equal(S2, S)
 

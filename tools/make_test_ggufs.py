@@ -5,7 +5,8 @@
 
 The checkpoints are tools/make_test_models.py's (the same seeds, so the same weights): Mixtral,
 OLMoE and Qwen2-MoE (its variant whose every layer is sparse: the converter cannot express the
-Qwen MoE checkpoints' dense layers), each given a byte-level BPE tokenizer trained on a little
+Qwen MoE checkpoints' dense layers), and Qwen3.5-MoE (`--outtype f32 --no-mtp` only, into
+OUTDIR/qwen3_5_moe_f32-f32.gguf), each given a byte-level BPE tokenizer trained on a little
 text (the converter needs a vocabulary, and refuses a word-level one for OLMoE and Qwen2-MoE), then
 converted by `convert_hf_to_gguf.py --outtype bf16` and `--outtype q8_0` into
 OUTDIR/<variant>-<outtype>.gguf (OUTDIR defaults to tests/data/gguf), and the bf16 file quantized by
@@ -26,6 +27,8 @@ import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = ("mixtral_bf16_sharded", "olmoe_bf16", "qwen2_moe_bf16")
+# Qwen3.5-MoE (qwen35moe): f32 keeps the converter's -exp(A_log) and added 1s exact; no MTP layers.
+HYBRID = "qwen3_5_moe_f32"
 GREEDY = "llama_greedy.json"
 PROMPT = "In the beginning God created the heaven and the earth."  # tokens inside every test vocabulary
 OUTTYPES = ("bf16", "q8_0")
@@ -40,6 +43,11 @@ def main(argv):
     os.makedirs(outdir, exist_ok=True)
     env = dict(os.environ, PYTHONPATH=os.path.join(src, "gguf-py"))
     with tempfile.TemporaryDirectory() as tmp:
+        path = make_test_models.make_models(tmp, [HYBRID])[HYBRID]
+        bpe_tokenizer(path)
+        out = os.path.join(outdir, f"{HYBRID}-f32.gguf")
+        _convert(src, env, path, "f32", out, "--no-mtp")
+        print(out, os.path.getsize(out))
         for name, path in make_test_models.make_models(tmp, list(VARIANTS)).items():
             bpe_tokenizer(path)
             for outtype in OUTTYPES:
@@ -86,9 +94,9 @@ def bpe_tokenizer(path):
     tok.save(os.path.join(path, "tokenizer.json"))
 
 
-def _convert(src, env, path, outtype, out):
+def _convert(src, env, path, outtype, out, *flags):
     r = subprocess.run([sys.executable, os.path.join(src, "convert_hf_to_gguf.py"), path, "--outtype", outtype,
-                        "--outfile", out], env=env, capture_output=True, text=True)
+                        "--outfile", out, *flags], env=env, capture_output=True, text=True)
     if r.returncode:
         sys.exit(f"{path} --outtype {outtype}: the converter failed:\n{r.stderr[-3000:]}")
     return out

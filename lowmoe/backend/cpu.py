@@ -328,15 +328,15 @@ def softplus(x):
 
 
 @numba.njit(parallel=True, **_JIT)
-def gated_delta_rule(q, k, v, g, beta, S, out):
+def gated_delta_rule(q, k, v, g, beta, S, out, tiled):
     """The gated delta rule one token at a time: q, k f32[T, Hk, dk]; v f32[T, Hv, dv]; g, beta
     f32[T, Hv]; S f32[Hv, dk, dv] the recurrent state, updated; out f32[T, Hv, dv]. Value head h
-    reads key head h // (Hv / Hk). Per token: S *= exp(g); delta = beta (v - S^T k);
-    S += k delta^T; out = S^T q."""
+    reads key head h // (Hv / Hk), or h % Hk when `tiled` (a GGUF's order). Per token: S *= exp(g);
+    delta = beta (v - S^T k); S += k delta^T; out = S^T q."""
     T, Hk, dk = q.shape
     Hv, dv = v.shape[1], v.shape[2]
     for h in prange(Hv):
-        hk = h // (Hv // Hk)
+        hk = h % Hk if tiled else h // (Hv // Hk)
         mem = np.empty(dv, np.float32)
         for t in range(T):
             decay = np.exp(g[t, h])

@@ -52,14 +52,17 @@ class ModelConfig:
     # Qwen3.5 / 3.6-MoE (hybrid): the tensors' prefix ("model.language_model." in a multimodal
     # checkpoint), each layer's token mixer ("attention" or "linear": Gated DeltaNet), the DeltaNet
     # shapes (key heads, value heads, key dim, value dim, conv kernel), RoPE on the first rotary_dim
-    # dims of a head (0: all), attention gated by a sigmoid of q_proj's second half, and norms
-    # scaled by (1 + w) (folded into the weights at load).
+    # dims of a head (0: all), attention gated by a sigmoid of q_proj's second half, norms scaled by
+    # (1 + w) (folded into the weights at load), and the value heads' order: transformers' groups
+    # the Hv / Hk value heads of one key head (head j reads key head j // (Hv / Hk)); llama.cpp's
+    # GGUF tiles them (head j reads key head j % Hk), and lowmoe computes in the file's order.
     prefix: str = "model."
     mixers: tuple = ()  # empty: every layer "attention"
     linear_shape: tuple = ()
     rotary_dim: int = 0
     attn_gate: bool = False
     norm_offset: bool = False
+    tiled_value_heads: bool = False
 
     @property
     def moe_prefix(self):

@@ -12,7 +12,7 @@ import numpy as np
 
 from ..errors import CheckpointError
 from .checkpoint import to_f32
-from .weights import FFN, Attention, Layer, Matrix, Weights
+from .weights import FFN, Attention, Layer, LinearAttention, Matrix, Weights
 
 
 def _raw(model, name, shape):
@@ -53,25 +53,51 @@ def matrix(model, name, shape, heads=None, bias=False):
     return Matrix(w, fmt, b)
 
 
+def _attention(model, cfg, p):
+    D, H, KV, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    llama = cfg.model_type == "mixtral"
+    attn = Attention(  # a gated attention's q: per head its query, then its gate (2 hd rows)
+        q=matrix(model, p + "attn_q.weight", ((2 if cfg.attn_gate else 1) * H * hd, D), H if llama else None, cfg.qkv_bias),
+        k=matrix(model, p + "attn_k.weight", (KV * hd, D), KV if llama else None, cfg.qkv_bias),
+        v=matrix(model, p + "attn_v.weight", (KV * hd, D), None, cfg.qkv_bias),
+        o=matrix(model, p + "attn_output.weight", (D, H * hd), None, cfg.o_bias),
+    )
+    if cfg.qk_norm != "none":
+        n = (hd, hd) if cfg.qk_norm == "head" else (H * hd, KV * hd)
+        attn.q_norm, attn.k_norm = vector(model, p + "attn_q_norm.weight", n[0]), vector(model, p + "attn_k_norm.weight", n[1])
+    return attn
+
+
+def _linear_attention(model, cfg, p):
+    """A qwen35moe Gated DeltaNet layer as llama.cpp's converter wrote it: in_proj_qkv as attn_qkv,
+    in_proj_z as attn_gate, b and a as ssm_beta, ssm_alpha, A_log already as -exp(A_log) (ssm_a),
+    dt_bias as ssm_dt.bias, the conv squeezed to [C, K]; value heads tiled (cfg.tiled_value_heads)."""
+    D, (Hk, Hv, dk, dv, K) = cfg.hidden_size, cfg.linear_shape
+    C = 2 * Hk * dk + Hv * dv
+    conv, fmt = _raw(model, p + "ssm_conv1d.weight", (C, K))
+    if fmt not in ("f32", "f16", "bf16"):
+        raise CheckpointError(f"{model.path}: tensor '{p}ssm_conv1d.weight' is {fmt}; it must be f32, f16 or bf16")
+    return LinearAttention(
+        qkv=matrix(model, p + "attn_qkv.weight", (C, D)), z=matrix(model, p + "attn_gate.weight", (Hv * dv, D)),
+        b=matrix(model, p + "ssm_beta.weight", (Hv, D)), a=matrix(model, p + "ssm_alpha.weight", (Hv, D)),
+        conv=np.ascontiguousarray(conv if fmt == "f32" else to_f32(conv, fmt.upper())),
+        dt_bias=vector(model, p + "ssm_dt.bias", Hv), A=vector(model, p + "ssm_a", Hv),
+        norm=vector(model, p + "ssm_norm.weight", dv), out=matrix(model, p + "ssm_out.weight", (D, Hv * dv)))
+
+
 def load_dense_gguf(model, cfg):
     """Every non-expert weight of `model` for the ModelConfig `cfg` (gguf_config.gguf_model_config),
     shapes checked."""
-    D, V, H, KV, hd = cfg.hidden_size, cfg.vocab_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    llama = cfg.model_type == "mixtral"
+    D, V = cfg.hidden_size, cfg.vocab_size
     layers = []
-    for i in range(cfg.num_layers):
+    for i, mixer in enumerate(cfg.layer_mixers):
         p = f"blk.{i}."
-        attn = Attention(
-            q=matrix(model, p + "attn_q.weight", (H * hd, D), H if llama else None, cfg.qkv_bias),
-            k=matrix(model, p + "attn_k.weight", (KV * hd, D), KV if llama else None, cfg.qkv_bias),
-            v=matrix(model, p + "attn_v.weight", (KV * hd, D), None, cfg.qkv_bias),
-            o=matrix(model, p + "attn_output.weight", (D, H * hd), None, cfg.o_bias),
-        )
-        if cfg.qk_norm != "none":
-            n = (hd, hd) if cfg.qk_norm == "head" else (H * hd, KV * hd)
-            attn.q_norm, attn.k_norm = vector(model, p + "attn_q_norm.weight", n[0]), vector(model, p + "attn_k_norm.weight", n[1])
-        layer = Layer(input_norm=vector(model, p + "attn_norm.weight", D), post_norm=vector(model, p + "ffn_norm.weight", D),
-                      attn=attn)
+        post = p + ("post_attention_norm.weight" if p + "post_attention_norm.weight" in model.tensors else "ffn_norm.weight")
+        layer = Layer(input_norm=vector(model, p + "attn_norm.weight", D), post_norm=vector(model, post, D), attn=None)
+        if mixer == "linear":
+            layer.linear = _linear_attention(model, cfg, p)
+        else:
+            layer.attn = _attention(model, cfg, p)
         if cfg.sparse_layers[i]:
             layer.router = matrix(model, p + "ffn_gate_inp.weight", (cfg.num_experts, D))
             if cfg.shared_expert_intermediate:
