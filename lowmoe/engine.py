@@ -15,8 +15,7 @@ from .load.model import dense_weights, open_model
 from .load.weights import to_device
 from .model import KVCache, Model
 from .predict.history import History
-from .predict.learned import predictor_file
-from .predict.learned import Learned
+from .predict.learned import Learned, predictor_file
 from .predict.nextgate import NextGate
 from .predict.oracle import Oracle
 from .predict.pregate import PreGate, has_heads
@@ -95,7 +94,8 @@ class Engine:
     @classmethod
     def from_pretrained(cls, path=DEFAULT_MODEL, device="cpu", **options):
         """path: a Hugging Face model folder, a GGUF file (`name.gguf`, or the first of its splits; the
-        tokenizer from its metadata, or a tokenizer.json beside it), or a folder `lowmoe pack` wrote. Options (each also a SHARPI_* variable, see SHARPI_ENV.md): expert_cache ("1.5GiB",
+        tokenizer from its metadata, or a tokenizer.json beside it), or a folder `lowmoe pack` wrote.
+        Options (each also a SHARPI_* variable, see SHARPI_ENV.md): expert_cache ("1.5GiB",
         "25%", "min"; default: every expert resident), storage ("checkpoint", "packed", "ram"),
         predictor ("pregate", "learned", "nextgate", "history", "none"; default: pregate if the
         checkpoint ships pre-gate heads, else learned if the model folder has
