@@ -20,6 +20,7 @@ from lowmoe.backend import cuda
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
 import gpu_check  # noqa: E402  (tools/, for its float64 references and cases)
+import kernel_inputs  # noqa: E402
 
 # Launches of more than this many weight or key elements are left to gpu_check on a GPU: every GPU
 # thread is a fiber here, and a context switch per barrier makes the largest shapes take minutes.
@@ -77,8 +78,8 @@ def test_expert_kernels_compute_exact_bits(host_gpu, dtype, E, I, D, k, T, skip)
     g = np.random.default_rng([E, I, D, k, T])
     x = (g.standard_normal((T, D)) * 3).astype(np.float32)
     fg, fu, fd = dtype if isinstance(dtype, tuple) else (dtype,) * 3
-    gate, up = (gpu_check.weights(g, (E, I, D), f, 1 / np.sqrt(D))[0] for f in (fg, fu))
-    down = gpu_check.weights(g, (E, D, I), fd, 1 / np.sqrt(I))[0]
+    gate, up = (kernel_inputs.weights(g, (E, I, D), f, 1 / np.sqrt(D))[0] for f in (fg, fu))
+    down = kernel_inputs.weights(g, (E, D, I), fd, 1 / np.sqrt(I))[0]
     idx = np.stack([g.choice(E, k, replace=False) for _ in range(T)]).astype(np.int32)
     if skip:
         idx[::2, 0] = -1

@@ -16,7 +16,7 @@ from lowmoe.backend import cuda, exact
 from host_cupy import SHARED, SHARED_OPTIN, CUDADriverError
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
-import gpu_check  # noqa: E402  (tools/, for its weights in every dtype)
+import kernel_inputs  # noqa: E402  (tools/, for its weights in every dtype)
 
 
 def _norm(kernels, grid=(1,), block=(256,), shared_mem=0):
@@ -66,8 +66,8 @@ def _grouped_rows(dtype, E, idx, I=8, D=16):
     T, k = idx.shape
     g = np.random.default_rng([E, T, k])
     x = (g.standard_normal((T, D)) * 3).astype(np.float32)
-    gate, up = (gpu_check.weights(g, (E, I, D), dtype, 1 / np.sqrt(D))[0] for _ in range(2))
-    down = gpu_check.weights(g, (E, D, I), dtype, 1 / np.sqrt(I))[0]
+    gate, up = (kernel_inputs.weights(g, (E, I, D), dtype, 1 / np.sqrt(D))[0] for _ in range(2))
+    down = kernel_inputs.weights(g, (E, D, I), dtype, 1 / np.sqrt(I))[0]
     want = np.full((T, k, D), np.nan, np.float32)
     for t in range(T):
         for j, e in enumerate(idx[t]):

@@ -264,7 +264,7 @@ def test_block_format_launches_match_their_kernels(monkeypatch):
     # Every GGUF block format through each op that takes weights (the decode and prefill expert
     # kernels too), with the launches checked against the C signatures: every such entry point.
     sys.path.insert(0, os.path.join(os.path.dirname(cuda.NATIVE), "tools"))
-    from gpu_check import weights
+    from kernel_inputs import weights
 
     launches = _Launches()
     _fresh_cupy(monkeypatch, numpy_cupy(launches.function))

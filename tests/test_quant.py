@@ -20,7 +20,7 @@ import pytest
 from lowmoe.backend import cpu, quant
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
-from gpu_check import random_blocks  # noqa: E402  (tools/: gpu_check makes the same blocks on a GPU)
+from kernel_inputs import random_blocks  # noqa: E402  (tools/: gpu_check makes the same blocks on a GPU)
 
 gq = pytest.importorskip("gguf.quants")
 from gguf import GGMLQuantizationType  # noqa: E402

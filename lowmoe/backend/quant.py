@@ -149,12 +149,16 @@ def _q5_1(b, y, n):
 
 @numba.njit(**_EXACT)
 def _scale_min(b, o, j):
-    # the 6-bit scale and min of sub-block j < 8 from the 12 bytes at b[o:] (Q4_K / Q5_K; gguf's
-    # Q4_K.get_scale_min): j < 4 in the low 6 bits of bytes j and 4 + j; j >= 4 in the nibbles of
-    # byte 4 + j, with their top 2 bits in the top bits of bytes j - 4 and j.
+    # (d sc_j, dmin m_j) of sub-block j < 8 of the Q4_K / Q5_K super-block at b[o:]: the 6-bit scale
+    # and min from its 12 scale bytes at o + 4 (gguf's Q4_K.get_scale_min): j < 4 in the low 6 bits
+    # of bytes j and 4 + j; j >= 4 in the nibbles of byte 4 + j, with their top 2 bits in the top
+    # bits of bytes j - 4 and j.
+    p = o + 4
     if j < 4:
-        return b[o + j] & 63, b[o + 4 + j] & 63
-    return (b[o + 4 + j] & 15) | ((b[o + j - 4] >> 2) & 48), (b[o + 4 + j] >> 4) | ((b[o + j] >> 2) & 48)
+        sc, m = b[p + j] & 63, b[p + 4 + j] & 63
+    else:
+        sc, m = (b[p + 4 + j] & 15) | ((b[p + j - 4] >> 2) & 48), (b[p + 4 + j] >> 4) | ((b[p + j] >> 2) & 48)
+    return _f16(b, o) * _F(sc), _f16(b, o + 2) * _F(m)
 
 
 @numba.njit(**_EXACT)
@@ -163,13 +167,9 @@ def _q4_k(b, y, n):
     # 64 i + l (low nibble) and 64 i + 32 + l (high); sub-block s = e // 32: w = (d sc_s) q - dmin m_s
     for k in range(y.size // 256):
         o = 144 * k
-        d = _f16(b, o)
-        dmin = _f16(b, o + 2)
         for i in range(4):
-            sc0, m0 = _scale_min(b, o + 4, 2 * i)
-            sc1, m1 = _scale_min(b, o + 4, 2 * i + 1)
-            d0, dm0 = d * _F(sc0), dmin * _F(m0)
-            d1, dm1 = d * _F(sc1), dmin * _F(m1)
+            d0, dm0 = _scale_min(b, o, 2 * i)
+            d1, dm1 = _scale_min(b, o, 2 * i + 1)
             e = 256 * k + 64 * i
             for l in range(n):
                 q = b[o + 16 + 32 * i + l]
@@ -183,13 +183,9 @@ def _q5_k(b, y, n):
     # 32 s + l), q[128] low nibbles as Q4_K; w = (d sc_s) q - dmin m_s
     for k in range(y.size // 256):
         o = 176 * k
-        d = _f16(b, o)
-        dmin = _f16(b, o + 2)
         for i in range(4):
-            sc0, m0 = _scale_min(b, o + 4, 2 * i)
-            sc1, m1 = _scale_min(b, o + 4, 2 * i + 1)
-            d0, dm0 = d * _F(sc0), dmin * _F(m0)
-            d1, dm1 = d * _F(sc1), dmin * _F(m1)
+            d0, dm0 = _scale_min(b, o, 2 * i)
+            d1, dm1 = _scale_min(b, o, 2 * i + 1)
             e = 256 * k + 64 * i
             for l in range(n):
                 q = b[o + 48 + 32 * i + l]

@@ -1,0 +1,68 @@
+"""Kernel inputs and float64 references for tools/gpu_check.py and the tests: random activations,
+weights in every dtype lowmoe computes (f32, f16 / bf16 bits, GGUF block bytes) with the exact
+float64 value of each weight, and the relative error a check reports."""
+
+import numpy as np
+
+
+def randn(g, *shape, scale=1.0):
+    return (g.standard_normal(shape) * scale).astype(np.float32)
+
+
+# Byte offsets of the f16 fields of a GGUF block (ggml-common.h): d, and m / dmin where there is one.
+F16_AT = {"q8_0": [0], "q4_0": [0], "q4_1": [0, 2], "q5_0": [0], "q5_1": [0, 2], "q4_k": [0, 2], "q5_k": [0, 2],
+          "q6_k": [208]}
+# About the mean |weight| / |d| of random blocks (the quants times the sub-block scales).
+_BLOCK_GAIN = {"q8_0": 64, "q4_0": 4, "q4_1": 8, "q5_0": 8, "q5_1": 16, "q4_k": 240, "q5_k": 480, "q6_k": 1200}
+
+
+def random_blocks(fmt, R, C, rng, scale=None):
+    """uint8 [R, C / E * B]: rows of C weights in the GGUF block format `fmt`, random bytes whose f16
+    fields are finite: any finite bit pattern (subnormals and -0 included) when scale is None, else
+    f16 of N(0, scale)."""
+    from lowmoe.backend import quant
+
+    E, B = quant.FORMATS[fmt]
+    raw = rng.integers(0, 256, (R, C // E, B), dtype=np.uint8)
+    for o in F16_AT[fmt]:
+        if scale is None:
+            bits = rng.integers(0, 0x7C00, raw.shape[:2], dtype=np.uint16) | (rng.integers(0, 2, raw.shape[:2], dtype=np.uint16) << 15)
+        else:
+            bits = (rng.standard_normal(raw.shape[:2]) * scale).astype(np.float16).view(np.uint16)
+        raw[:, :, o : o + 2] = bits[..., None].view(np.uint8)
+    return raw.reshape(R, -1)
+
+
+def weights(g, shape, dtype, scale):
+    """(array as the kernels take it, exact float64 value of each element); never zero for the float
+    dtypes. A GGUF block format: its bytes uint8 [..., rows, row bytes] (random blocks whose weights
+    are about `scale`), valued by quant.dequantize (bit for bit gguf's, tests/test_quant.py)."""
+    from lowmoe.backend import quant
+
+    if dtype in quant.FORMATS:
+        *lead, C = shape
+        R = int(np.prod(lead))
+        raw = random_blocks(dtype, R, C, g, scale / _BLOCK_GAIN[dtype])
+        return raw.reshape(*lead, -1), quant.dequantize(raw, dtype, (R, C)).astype(np.float64).reshape(shape)
+    w = g.standard_normal(shape) * scale
+    w[w == 0] = scale
+    if dtype == "f32":
+        w = w.astype(np.float32)
+        return w, w.astype(np.float64)
+    if dtype == "f16":
+        bits = w.astype(np.float16).view(np.uint16)
+        return bits, bits.view(np.float16).astype(np.float64)
+    u = w.astype(np.float32).view(np.uint32).astype(np.uint64)
+    bits = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)  # round to nearest even
+    return bits, (bits.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+
+
+def err(got, ref):
+    got = np.asarray(got, np.float64)
+    if got.shape != ref.shape or not np.isfinite(got).all():
+        return float("inf")
+    return float(np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-30))
+
+
+def silu(g):
+    return g / (1.0 + np.exp(-g))
