@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .backend import backend, cpu
-from .errors import ConfigError, DeviceError, InputError
+from .errors import ConfigError, InputError
 from .load.config import EngineConfig
 from .load.gguf import GGUF
 from .load.gguf_tokenizer import gguf_tokenizer
@@ -111,9 +111,6 @@ class Engine:
         ops = backend(options.device)  # DeviceError before loading anything when no GPU is usable
         path = os.fspath(path)
         ckpt, cfg = open_model(path)
-        if options.device == "cuda" and "linear" in cfg.layer_mixers:
-            raise DeviceError(f"{path}: the Gated DeltaNet layers of {cfg.model_type} run on the CPU only so far "
-                              "(--device cpu)")
         dense = dense_weights(ckpt, cfg)
         store = open_store(options.storage or ("packed" if is_packed(path) else "checkpoint"), path, ckpt, cfg)
         experts, where = place_experts(cfg, dense, store, options)

@@ -149,9 +149,9 @@ class Model:
                 ops.xp.clip(t, -cfg.clip_qkv, cfg.clip_qkv, out=t)
         q = ops.xp.ascontiguousarray(q.reshape(T, H, hd))
         k = ops.xp.ascontiguousarray(k.reshape(T, KV, hd))
-        start, rot = kv.length, cfg.rotary_dim or hd
-        for x in (q, k):  # RoPE on the first rot dims of each head (Qwen3.5: a quarter)
-            ops.rope(x if rot == hd else x[:, :, :rot], kv.cos, kv.sin, start)
+        start = kv.length
+        for x in (q, k):  # RoPE on the first 2 * cos.shape[1] dims of each head (Qwen3.5: a quarter)
+            ops.rope(x, kv.cos, kv.sin, start)
         kv.k[i][:, start : start + T] = k.transpose(1, 0, 2)
         kv.v[i][:, start : start + T] = v.reshape(T, KV, hd).transpose(1, 0, 2)
         out = ops.buffer((T, H, hd))
@@ -174,14 +174,13 @@ class Model:
         q = ops.l2_norm(mixed[:, : Hk * dk].reshape(T * Hk, dk)) * np.float32(dk**-0.5)
         k = ops.l2_norm(mixed[:, Hk * dk : 2 * Hk * dk].reshape(T * Hk, dk))
         v = ops.xp.ascontiguousarray(mixed[:, 2 * Hk * dk :])
-        beta = np.float32(1.0) / (np.float32(1.0) + ops.xp.exp(-self._linear(h, L.b)))  # [T, Hv]
-        g = L.A * ops.softplus(self._linear(h, L.a) + L.dt_bias)  # [T, Hv]
+        beta, g = ops.delta_gates(self._linear(h, L.b), self._linear(h, L.a), L.A, L.dt_bias)  # [T, Hv]
         core = ops.buffer((T, Hv, dv))
         ops.gated_delta_rule(q.reshape(T, Hk, dk), k.reshape(T, Hk, dk), v.reshape(T, Hv, dv), g, beta, kv.ssm[i], core,
                              cfg.tiled_value_heads)
         z = self._linear(h, L.z)  # [T, Hv*dv]
-        core = self._norm(core.reshape(T * Hv, dv), L.norm).reshape(T, Hv * dv)
-        return self._linear(core * (z / (np.float32(1.0) + ops.xp.exp(-z))), L.out)
+        core = ops.gated_rms_norm(core.reshape(T * Hv, dv), z.reshape(T * Hv, dv), L.norm, cfg.rms_norm_eps)
+        return self._linear(core.reshape(T, Hv * dv), L.out)
 
     def _mlp(self, i, layer, u, h):
         """u f32[T, D] normalised input of the MLP; h f32[T, D] the residual it is added to (the

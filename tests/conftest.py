@@ -24,13 +24,6 @@ def test_models(tmp_path_factory):
     return maker.make_models(str(tmp_path_factory.mktemp("lowmoe_test_models")))
 
 
-@pytest.fixture(scope="session")
-def gpu_test_models(test_models):
-    """test_models but the hybrid Qwen3.5-MoE ones, whose Gated DeltaNet layers run on the CPU only
-    so far (device 'cuda' refuses them: tests/test_hybrid.py)."""
-    return {n: p for n, p in test_models.items() if not n.startswith("qwen3_5_moe")}
-
-
 @pytest.fixture(scope="module")
 def kernels(tmp_path_factory):
     """native/*.cu built for the host (tests/host_cupy.py), once per test module."""

@@ -67,24 +67,28 @@ def launches(cfg, where):
     """lowmoe kernels one decoded token launches. Outside the layers: embed, the final norm and the
     lm_head linear. Per layer, attention: input norm, q, k and v linears, the q and k norms (when
     the architecture has them), RoPE of q and of k, attention's split and combine kernels, the o
-    linear. Then the MLP's input norm and, in a dense layer, expert_ffn: gate_up, down and combine
-    (one token takes the GEMV kernels). In a MoE layer: the router linear, top-k, then the routed
-    experts: gate_up, down and combine on the device ("resident", and "slots" in one group, as the
-    cache has at least top_k slots), none on the GPU with CPU-MoE ("host"); a shared expert adds
-    its gate's linear and an expert_ffn."""
-    attention = 1 + 3 + (2 if cfg.qk_norm != "none" else 0) + 2 + 2 + 1
+    linear; Gated DeltaNet: input norm, the qkv linear, the conv, the L2 norms of q and of k, the b
+    and a linears, their gates, the delta rule, the z linear, the gated norm, the out linear. Then
+    the MLP's input norm and, in a dense layer, expert_ffn: gate_up, down and combine (one token
+    takes the GEMV kernels). In a MoE layer: the router linear, top-k, then the routed experts:
+    gate_up, down and combine on the device ("resident", and "slots" in one group, as the cache
+    has at least top_k slots), none on the GPU with CPU-MoE ("host"); a shared expert adds its
+    gate's linear and an expert_ffn."""
+    mixer = {"attention": 1 + 3 + (2 if cfg.qk_norm != "none" else 0) + 2 + 2 + 1, "linear": 12}
     routed = 0 if where == "host" else 3
     moe = 1 + 1 + routed + (1 + 3 if cfg.shared_expert_intermediate else 0)
-    return 3 + sum(attention + 1 + (moe if sparse else 3) for sparse in cfg.sparse_layers)
+    return 3 + sum(mixer[m] + 1 + (moe if sparse else 3) for m, sparse in zip(cfg.layer_mixers, cfg.sparse_layers))
 
 
 def cupy_kernels(cfg):
     """CuPy kernels lowmoe calls by name per decoded token (no POISON fills): each expert_ffn (a
     dense layer's MLP, a shared expert) fills its one expert's id and weight (zeros, ones); the
-    shared expert's sigmoid gate takes an exp; clip_qkv clips q, k and v in every layer."""
+    shared expert's sigmoid gate takes an exp; clip_qkv clips q, k and v in every layer; a gated
+    attention copies its query out of q_proj's output and takes its gate's exp."""
     ffns = sum(1 for sparse in cfg.sparse_layers if not sparse or cfg.shared_expert_intermediate)
     shared = len(cfg.moe_layers) if cfg.shared_expert_intermediate else 0
-    return 2 * ffns + shared + (3 * cfg.num_layers if cfg.clip_qkv else 0)
+    gated = 2 * cfg.layer_mixers.count("attention") if cfg.attn_gate else 0
+    return 2 * ffns + shared + (3 * cfg.num_layers if cfg.clip_qkv else 0) + gated
 
 
 def syncs(cfg, label):
@@ -127,10 +131,11 @@ def test_launches_and_syncs_per_token(host_gpu, fake_copies, label, where):
         assert n["syncs"] == 1
 
 
-def test_launches_per_token_on_every_architecture(host_gpu, gpu_test_models):
+def test_launches_per_token_on_every_architecture(host_gpu, test_models):
     """Mixtral, Qwen2-MoE (dense layers, shared expert and its gate, qkv bias), Qwen3-MoE (a dense
-    layer), OLMoE (full q/k norm, clip_qkv), every expert resident: the derived counts."""
-    for name, path in gpu_test_models.items():
+    layer), OLMoE (full q/k norm, clip_qkv), Qwen3.5-MoE (Gated DeltaNet and gated attention),
+    every expert resident: the derived counts."""
+    for name, path in test_models.items():
         cfg, where, n = _counts(path, "resident")
         assert n == dict(launches=launches(cfg, where), cupy=cupy_kernels(cfg), uploads=1, syncs=1), name
 

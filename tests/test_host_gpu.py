@@ -120,9 +120,10 @@ def test_gpu_decoder_matches_the_cpu(host_gpu):
     _same_as_cpu(lowmoe.DEFAULT_MODEL)
 
 
-def test_gpu_decoder_matches_the_cpu_on_every_architecture(host_gpu, gpu_test_models):
-    """Mixtral, Qwen2-MoE (shared expert), Qwen3-MoE, OLMoE (clip_qkv, full q/k norm); f32, f16, bf16."""
-    for path in gpu_test_models.values():
+def test_gpu_decoder_matches_the_cpu_on_every_architecture(host_gpu, test_models):
+    """Mixtral, Qwen2-MoE (shared expert), Qwen3-MoE, OLMoE (clip_qkv, full q/k norm), Qwen3.5-MoE
+    (Gated DeltaNet layers, gated attention with partial RoPE); f32, f16, bf16."""
+    for path in test_models.values():
         _same_as_cpu(path)
 
 
@@ -136,23 +137,29 @@ def test_gpu_decoder_matches_the_cpu_on_gguf_files(host_gpu):
         _same_as_cpu(os.path.join(GGUF, f"{name}.gguf"))
 
 
-@pytest.mark.parametrize("model", ["bundled", "default-q4_k_m.gguf"])
-def test_gpu_expert_cache_is_bit_identical_to_resident_experts(host_gpu, monkeypatch, model):
+@pytest.mark.parametrize("model", ["bundled", "default-q4_k_m.gguf", "qwen3_5_moe_f32"])
+def test_gpu_expert_cache_is_bit_identical_to_resident_experts(host_gpu, monkeypatch, request, model):
     """The slots path's kernels over slot ids, grouped or not, rows computed on the CPU for misses
     (exact.py), and CPU-MoE (exact.py for every expert): the resident GPU run's bits. Also for the
-    bundled model's Q4_K_M, whose layers' experts differ in size: slots sized for the largest."""
+    bundled model's Q4_K_M, whose layers' experts differ in size: slots sized for the largest, and
+    for a Qwen3.5-MoE checkpoint (Gated DeltaNet layers, a shared expert)."""
     from fake_device import KernelDevice
 
     from lowmoe.tier import placement
 
-    path = lowmoe.DEFAULT_MODEL if model == "bundled" else os.path.join(GGUF, model)
+    if model == "bundled":
+        path = lowmoe.DEFAULT_MODEL
+    elif model.endswith(".gguf"):
+        path = os.path.join(GGUF, model)
+    else:
+        path = request.getfixturevalue("test_models")[model]
     # Copies slower than reads: misses find them in flight.
     monkeypatch.setattr(placement, "CupyDevice", lambda: KernelDevice(host_gpu, delay_s=0.01, seed=4))
     with lowmoe.Engine.from_pretrained(path, device="cuda") as e:
         want, want_logits, _ = _run(e)
     runs = ((dict(expert_cache="25%", miss_policy="wait"), "slots"), (dict(expert_cache="min", miss_policy="wait"), "slots"),
             (dict(expert_cache="25%", miss_policy="cpu", predictor="none"), "slots"), (dict(cpu_moe=True), "host"))
-    for options, where in runs if model == "bundled" else runs[2:]:  # the stand-in's block kernels are slow
+    for options, where in runs[2:] if model.endswith(".gguf") else runs:  # the stand-in's block kernels are slow
         with lowmoe.Engine.from_pretrained(path, device="cuda", cpu_moe=options.pop("cpu_moe", False), **options) as e:
             got, logits, stats = _run(e)
             assert e.model.where == where

@@ -1,9 +1,15 @@
 """CPU kernels against plain float64 NumPy references."""
 
+import os
+import sys
+
 import numpy as np
 import pytest
 
 from lowmoe.backend import cpu
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
+from kernel_inputs import delta_rule_ref  # noqa: E402  (tools/: gpu_check's float64 references)
 
 RNG_SEED = 1234
 
@@ -98,19 +104,20 @@ def test_rms_norm(T, N):
 # ---------------------------------------------------------------------- rope
 
 
-@pytest.mark.parametrize("T,H,hd", [(1, 4, 6), (3, 2, 10), (17, 3, 128)])
-def test_rope(T, H, hd):
-    g = rng(2, T, H, hd)
+@pytest.mark.parametrize("T,H,hd,rot", [(1, 4, 6, 6), (3, 2, 10, 10), (17, 3, 128, 128), (3, 2, 32, 8), (2, 4, 256, 64)])
+def test_rope(T, H, hd, rot):
+    """HF's rotate_half RoPE on the first `rot` dims of each head (the tables' width); the rest untouched."""
+    g = rng(2, T, H, hd, rot)
     x = randn(g, T, H, hd)
     pos = 5 + np.arange(T)[:, None]
-    ang = pos * (10000.0 ** (-np.arange(0, hd, 2) / hd))[None]
+    ang = pos * (10000.0 ** (-np.arange(0, rot, 2) / rot))[None]
     cos, sin = np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
     # HF: x * cos + rotate_half(x) * sin, with cos/sin repeated over both halves
-    x64 = x.astype(np.float64)
+    x64 = x.astype(np.float64)[..., :rot]
     c = np.concatenate([cos, cos], axis=1)[:, None, :]
     s = np.concatenate([sin, sin], axis=1)[:, None, :]
-    rot = np.concatenate([-x64[..., hd // 2 :], x64[..., : hd // 2]], axis=-1)
-    ref = x64 * c + rot * s
+    turned = np.concatenate([-x64[..., rot // 2 :], x64[..., : rot // 2]], axis=-1)
+    ref = np.concatenate([x64 * c + turned * s, x[..., rot:].astype(np.float64)], axis=-1)
     cpu.rope(x, cos, sin)
     assert_close(x, ref)
 
@@ -298,22 +305,6 @@ def test_causal_conv_carries_its_window(T, C, K):
     assert np.array_equal(np.concatenate(halves), out)
 
 
-def delta_rule_ref(q, k, v, g, beta, S, tiled):
-    """float64 loop over tokens and value heads: S <- exp(g) S; S += k (beta (v - S^T k))^T; out = S^T q."""
-    T, Hk, _ = q.shape
-    Hv = v.shape[1]
-    S, out = S.astype(np.float64), np.empty(v.shape)
-    for t in range(T):
-        for h in range(Hv):
-            hk = h % Hk if tiled else h // (Hv // Hk)
-            kk, qq = k[t, hk].astype(np.float64), q[t, hk].astype(np.float64)
-            S[h] *= np.exp(g[t, h])
-            delta = beta[t, h] * (v[t, h] - S[h].T @ kk)
-            S[h] += np.outer(kk, delta)
-            out[t, h] = S[h].T @ qq
-    return out, S
-
-
 @pytest.mark.parametrize("tiled", [False, True])
 @pytest.mark.parametrize("T,Hk,Hv,dk,dv", [(1, 2, 4, 16, 8), (6, 2, 2, 16, 16), (9, 1, 3, 8, 12), (33, 4, 8, 32, 32)])
 def test_gated_delta_rule(T, Hk, Hv, dk, dv, tiled):
@@ -340,12 +331,19 @@ def test_gated_delta_rule(T, Hk, Hv, dk, dv, tiled):
         assert np.array_equal(np.concatenate(parts), out) and np.array_equal(S2, S)
 
 
-def test_l2_norm_and_softplus():
+def test_l2_norm_gates_and_gated_norm():
     g = rng(0)
     x = randn(g, 5, 16, scale=3.0)
     x64 = x.astype(np.float64)
     assert_close(cpu.l2_norm(x), x64 / np.sqrt((x64 * x64).sum(1, keepdims=True) + 1e-6))
-    z = np.array([-30, -2, 0, 3, 19.5, 20, 25, 80], np.float32)
-    got = cpu.softplus(z)
-    assert got.dtype == np.float32 and np.isfinite(got).all()
-    assert_close(got, np.where(z > 20, z, np.log1p(np.exp(z.astype(np.float64)))))
+    a = np.array([[-30, -2, 0, 3], [19.5, 20, 25, 80]], np.float32)
+    dt_bias, A = np.array([0, 0.5, -0.25, 1], np.float32), -np.abs(randn(g, 4))
+    b = randn(g, 2, 4, scale=3.0)
+    beta, gate = cpu.delta_gates(b, a, A, dt_bias)
+    assert beta.dtype == gate.dtype == np.float32 and np.isfinite(gate).all()
+    z = a.astype(np.float64) + dt_bias
+    assert_close(gate, A * np.where(z > 20, z, np.log1p(np.exp(np.minimum(z, 20)))))
+    assert_close(beta, 1 / (1 + np.exp(-b.astype(np.float64))))
+    z, w = randn(g, 5, 16, scale=2.0), randn(g, 16)
+    ref = w * (x64 / np.sqrt((x64 * x64).mean(1, keepdims=True) + 1e-5)) * (z / (1 + np.exp(-z.astype(np.float64))))
+    assert_close(cpu.gated_rms_norm(x, z, w, 1e-5), ref)

@@ -229,7 +229,7 @@ def _models(request):
     Qwen2-MoE one's Q8_0 (a shared expert of q8_0 and f16) from llama.cpp, and, with torch and
     transformers, every transformers-made checkpoint."""
     try:
-        made = list(request.getfixturevalue("gpu_test_models").values())
+        made = list(request.getfixturevalue("test_models").values())
     except pytest.skip.Exception:
         made = []
     gguf = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "gguf")

@@ -146,8 +146,8 @@ def test_reference_is_decisive_and_exercises_variant(name, reference):
     assert np.isfinite(ref["logits"]).all()
 
     n_layers = cfg.num_hidden_layers
-    if cfg.model_type in ("qwen2_moe", "qwen3_moe"):
-        # the rule in Qwen2Moe/Qwen3MoeDecoderLayer.__init__
+    if cfg.model_type in ("qwen2_moe", "qwen3_moe", "qwen3_next"):
+        # the rule in Qwen2Moe/Qwen3Moe/Qwen3NextDecoderLayer.__init__
         want = [
             i for i in range(n_layers)
             if i not in cfg.mlp_only_layers and cfg.num_experts > 0 and (i + 1) % cfg.decoder_sparse_step == 0

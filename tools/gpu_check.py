@@ -40,7 +40,7 @@ import types
 import numpy as np
 
 from gpu_counts import count_decode, make_layout_model
-from kernel_inputs import err, randn, silu, weights
+from kernel_inputs import conv_ref, delta_inputs, delta_rule_ref, err, randn, silu, weights
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -97,16 +97,60 @@ def check_rms_norm(cuda, cp, g, rows, N, eps):
     return err(cp.asnumpy(out), w * (x64 / np.sqrt((x64**2).mean(1, keepdims=True) + eps)))
 
 
-def check_rope(cuda, cp, g, T, H, hd, start):
+def check_gated_rms_norm(cuda, cp, g, rows, N, eps):
+    x, z, w = randn(g, rows, N, scale=3.0), randn(g, rows, N, scale=2.0), randn(g, N)
+    out = cuda.gated_rms_norm(cp.asarray(x), cp.asarray(z), cp.asarray(w), eps)
+    x64 = x.astype(np.float64)
+    return err(cp.asnumpy(out), w * (x64 / np.sqrt((x64**2).mean(1, keepdims=True) + eps)) * silu(z.astype(np.float64)))
+
+
+def check_l2_norm(cuda, cp, g, rows, N):
+    x = randn(g, rows, N, scale=3.0)
+    x64 = x.astype(np.float64)
+    return err(cp.asnumpy(cuda.l2_norm(cp.asarray(x))), x64 / np.sqrt((x64**2).sum(1, keepdims=True) + 1e-6))
+
+
+def check_causal_conv(cuda, cp, g, T, C, K):
+    """The conv from a non-zero window: its output and the window it leaves (one error over both)."""
+    x, w, state = randn(g, T, C), randn(g, C, K, scale=0.5), randn(g, K - 1, C)
+    ref, ref_state = conv_ref(x, w, state)
+    d_state, out = cp.asarray(state), cp.full((T, C), np.nan, np.float32)
+    cuda.causal_conv(cp.asarray(x), cp.asarray(w), d_state, out)
+    return max(err(cp.asnumpy(out), ref), err(cp.asnumpy(d_state), ref_state))
+
+
+def check_delta_gates(cuda, cp, g, T, Hv):
+    b, a = randn(g, T, Hv, scale=4.0), randn(g, T, Hv, scale=8.0)  # a + dt_bias past softplus's threshold 20 too
+    A, dt_bias = -np.abs(randn(g, Hv)), randn(g, Hv, scale=8.0)
+    beta, gate = cuda.delta_gates(*(cp.asarray(v) for v in (b, a, A, dt_bias)))
+    z = a.astype(np.float64) + dt_bias
+    ref_g = A * np.where(z > 20, z, np.log1p(np.exp(np.minimum(z, 20))))
+    return max(err(cp.asnumpy(beta), 1 / (1 + np.exp(-b.astype(np.float64)))), err(cp.asnumpy(gate), ref_g))
+
+
+def check_delta_rule(cuda, cp, g, T, Hk, Hv, dk, dv, tiled):
+    """From a non-zero state: the output and the state it leaves."""
+    q, k, v, gate, beta, S = delta_inputs(g, T, Hk, Hv, dk, dv)
+    ref, ref_S = delta_rule_ref(q, k, v, gate, beta, S, tiled)
+    d_S, out = cp.asarray(S), cp.full((T, Hv, dv), np.nan, np.float32)
+    cuda.gated_delta_rule(*(cp.asarray(a) for a in (q, k, v, gate, beta)), d_S, out, tiled)
+    return max(err(cp.asnumpy(out), ref), err(cp.asnumpy(d_S), ref_S))
+
+
+def check_rope(cuda, cp, g, T, H, hd, start, rot=None):
+    """RoPE of each head's first `rot` dims (all of them when None; Qwen3.5's partial RoPE), in place:
+    the rest of each head must stay as it was."""
     from lowmoe.model import rope_tables
 
-    cos, sin = rope_tables(types.SimpleNamespace(head_dim=hd, rope_theta=1e4), np.arange(start + T + 3))
+    rot = rot or hd
+    cos, sin = rope_tables(types.SimpleNamespace(head_dim=rot, rope_theta=1e4), np.arange(start + T + 3))
     x = randn(g, T, H, hd)
     d = cp.asarray(x)
     cuda.rope(d, cp.asarray(cos), cp.asarray(sin), start)
     c, s = cos[start : start + T, None].astype(np.float64), sin[start : start + T, None].astype(np.float64)
-    x64, half = x.astype(np.float64), hd // 2
-    ref = np.concatenate([x64[..., :half] * c - x64[..., half:] * s, x64[..., half:] * c + x64[..., :half] * s], -1)
+    x64, half = x.astype(np.float64), rot // 2
+    ref = np.concatenate([x64[..., :half] * c - x64[..., half:rot] * s, x64[..., half:rot] * c + x64[..., :half] * s,
+                          x64[..., rot:]], -1)
     return err(cp.asnumpy(d), ref)
 
 
@@ -184,7 +228,14 @@ KERNEL_CASES = {
                                                              (1, 1, 1), (9, 1000, 333), (2, 4104, 129)]]),
     "embed": (check_embed, [(d, *s) for d in DT for s in [(100, 37, 3), (1000, 256, 1), (50, 2048, 17)]]),
     "rms_norm": (check_rms_norm, [(1, 37, 1e-6), (3, 64, 1e-5), (17, 2048, 1e-6), (40, 24, 1e-2)]),
-    "rope": (check_rope, [(1, 4, 6, 0), (3, 2, 10, 5), (17, 3, 128, 100), (1, 32, 128, 8191)]),
+    "gated_rms_norm": (check_gated_rms_norm, [(1, 37, 1e-6), (64, 128, 1e-6), (40, 24, 1e-2)]),
+    "l2_norm": (check_l2_norm, [(1, 16), (32, 128), (7, 300)]),
+    "causal_conv": (check_causal_conv, [(1, 8192, 4), (7, 33, 4), (5, 16, 3), (2, 5, 2), (64, 300, 4)]),
+    "delta_gates": (check_delta_gates, [(1, 32), (7, 5), (300, 4)]),
+    "delta_rule": (check_delta_rule, [(1, 16, 32, 128, 128, False), (1, 2, 4, 16, 8, True), (6, 2, 2, 16, 16, False),
+                                      (9, 1, 3, 8, 40, True), (33, 4, 8, 32, 32, False)]),
+    "rope": (check_rope, [(1, 4, 6, 0), (3, 2, 10, 5), (17, 3, 128, 100), (1, 32, 128, 8191), (1, 16, 256, 8191, 64),
+                          (5, 3, 32, 7, 8)]),
     "attention": (check_attention, [(1, 4, 2, 64, 0), (1, 32, 8, 128, 8191), (1, 6, 3, 24, 1000), (7, 4, 2, 32, 0),
                                     (33, 4, 4, 16, 50), (5, 2, 1, 256, 3), (1, 4, 1, 6, 300), (64, 8, 2, 128, 0)]),
     "router_topk": (check_router, [(1, 16, 4, True, False), (5, 8, 2, False, False), (3, 128, 8, True, False),

@@ -66,3 +66,41 @@ def err(got, ref):
 
 def silu(g):
     return g / (1.0 + np.exp(-g))
+
+
+def conv_ref(x, w, state):
+    """float64 causal depthwise conv and SiLU over [state; x] -> (out [T, C], the new state: the last
+    K - 1 rows of [state; x])."""
+    K = w.shape[1]
+    window = np.concatenate([state, x]).astype(np.float64)
+    pre = np.stack([(w.astype(np.float64) * window[t : t + K].T).sum(1) for t in range(len(x))])
+    return silu(pre), window[len(window) - (K - 1) :]
+
+
+def delta_rule_ref(q, k, v, g, beta, S, tiled):
+    """float64 loop over tokens and value heads: S <- exp(g) S; S += k (beta (v - S^T k))^T; out = S^T q.
+    -> (out [T, Hv, dv], the new state)."""
+    T, Hk, _ = q.shape
+    Hv = v.shape[1]
+    S, out = S.astype(np.float64), np.empty(v.shape)
+    for t in range(T):
+        for h in range(Hv):
+            hk = h % Hk if tiled else h // (Hv // Hk)
+            kk, qq = k[t, hk].astype(np.float64), q[t, hk].astype(np.float64)
+            S[h] *= np.exp(g[t, h])
+            delta = beta[t, h] * (v[t, h] - S[h].T @ kk)
+            S[h] += np.outer(kk, delta)
+            out[t, h] = S[h].T @ qq
+    return out, S
+
+
+def delta_inputs(g, T, Hk, Hv, dk, dv):
+    """Random inputs of the delta rule as a layer makes them: q, k L2-normalised (q also by dk^-0.5),
+    g < 0, beta in (0.1, 0.9), a non-zero state. -> (q, k, v, g, beta, S) f32."""
+    def unit(*shape):
+        x = g.standard_normal(shape)
+        return (x / np.sqrt((x * x).sum(-1, keepdims=True))).astype(np.float32)
+
+    q = (unit(T, Hk, dk) * np.float32(dk**-0.5)).astype(np.float32)
+    return (q, unit(T, Hk, dk), randn(g, T, Hv, dv), -np.abs(randn(g, T, Hv)),
+            g.uniform(0.1, 0.9, (T, Hv)).astype(np.float32), randn(g, Hv, dk, dv, scale=0.3))

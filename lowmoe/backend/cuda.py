@@ -1,6 +1,7 @@
 """The GPU backend: CuPy arrays and the kernels of the CUDA sources in native/, with the operations of
 backend/cpu.py and their signatures (buffer, to_device, to_host, embed, linear, rms_norm, rope,
-attention, router_topk, expert_ffn, and `xp`, here CuPy), plus the stacked-expert kernels the GPU
+attention, router_topk, expert_ffn, the Gated DeltaNet ops causal_conv, l2_norm, delta_gates,
+gated_delta_rule and gated_rms_norm, and `xp`, here CuPy), plus the stacked-expert kernels the GPU
 expert tier launches (expert_rows, expert_combine).
 
 Each native/<file>.cu is compiled once, on first use, by `cupy.RawModule` (NVRTC) and cached here
@@ -34,10 +35,11 @@ _DT = ("f32", "f16", "bf16") + _BLOCKS
 KERNELS = {
     "embed.cu": tuple(f"embed_{d}" for d in _DT),
     "linear.cu": tuple(f"linear_{d}" for d in _DT),
-    "norm.cu": ("rms_norm_f32",),
+    "norm.cu": ("rms_norm_f32", "gated_rms_norm_f32", "l2_norm_f32"),
     "rope.cu": ("rope_f32",),
     "attention.cu": ("attn_split_f32", "attn_combine_f32"),
     "router.cu": ("router_topk_f32",),
+    "delta.cu": ("causal_conv_f32", "delta_gates_f32", "gated_delta_rule_f32"),
     "expert_gemv.cu": tuple(f"moe_{op}_{d}" for op in ("gate_up", "down") for d in _DT),
     "expert_gemm.cu": ("moe_sort_i32", "moe_combine_f32") + tuple(f"moe_group_{op}_{d}" for op in ("gate_up", "down") for d in _DT),
 }
@@ -189,11 +191,55 @@ def rms_norm(x, w, eps, out=None):
     return out
 
 
+def gated_rms_norm(x, z, w, eps):
+    """-> new f32[rows, N] = rms_norm(x, w, eps) * silu(z): x, z f32[rows, N]."""
+    rows, N = x.shape
+    out = buffer(x.shape)
+    _launch("norm.cu", "gated_rms_norm_f32", (rows,), 256, (x, z, w, out, np.int32(N), np.float32(eps)))
+    return out
+
+
+def l2_norm(x, eps=1e-6):
+    """x f32[rows, n] -> new f32 rows x / sqrt(sum(x^2) + eps)."""
+    rows, N = x.shape
+    x = cupy().ascontiguousarray(x)
+    out = buffer(x.shape)
+    _launch("norm.cu", "l2_norm_f32", (rows,), 256, (x, out, np.int32(N), np.float32(eps)))
+    return out
+
+
+def causal_conv(x, w, state, out):
+    """As cpu.causal_conv: x f32[T, C]; w f32[C, K]; state f32[K - 1, C], updated; out f32[T, C]."""
+    T, C = x.shape
+    _launch("delta.cu", "causal_conv_f32", (math.ceil(C / 256),), 256,
+            (x, w, state, out, np.int32(T), np.int32(C), np.int32(w.shape[1])))
+
+
+def delta_gates(b, a, A, dt_bias):
+    """As cpu.delta_gates: b, a f32[T, Hv]; A, dt_bias f32[Hv] -> (beta, g) new f32[T, Hv]."""
+    beta, g = buffer(b.shape), buffer(b.shape)
+    _launch("delta.cu", "delta_gates_f32", (math.ceil(b.size / 256),), 256,
+            (b, a, A, dt_bias, beta, g, np.int32(b.size), np.int32(b.shape[1])))
+    return beta, g
+
+
+def gated_delta_rule(q, k, v, g, beta, S, out, tiled):
+    """As cpu.gated_delta_rule: q, k f32[T, Hk, dk]; v f32[T, Hv, dv]; g, beta f32[T, Hv]; S f32[Hv,
+    dk, dv], updated; out f32[T, Hv, dv]."""
+    T, Hk, dk = q.shape
+    Hv, dv = v.shape[1:]
+    _launch("delta.cu", "gated_delta_rule_f32", (Hv, math.ceil(dv / 32)), 32,
+            (q, k, v, g, beta, S, out, np.int32(T), np.int32(Hk), np.int32(Hv), np.int32(dk), np.int32(dv),
+             np.int32(bool(tiled))))
+
+
 def rope(x, cos, sin, start=0):
-    """In place rotate-half RoPE of x f32[T, H, hd] at positions start..start+T-1; cos, sin
-    f32[P, hd/2] tables from position 0 (model.rope_tables)."""
+    """In place rotate-half RoPE of the first 2 * cos.shape[1] dims of each head of x f32[T, H, hd]
+    (all of them, or a part: partial RoPE) at positions start..start+T-1; cos, sin f32[P, rot/2]
+    tables from position 0 (model.rope_tables)."""
     T, H, hd = x.shape
-    _launch("rope.cu", "rope_f32", (T * H,), 64, (x, cos, sin, np.int32(start), np.int32(H), np.int32(hd)))
+    _launch("rope.cu", "rope_f32", (T * H,), 64,
+            (x, cos, sin, np.int32(start), np.int32(H), np.int32(hd), np.int32(cos.shape[1])))
 
 
 def attention(q, k_cache, v_cache, start, out):

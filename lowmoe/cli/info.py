@@ -20,7 +20,7 @@ def main(args):
     from lowmoe import DEFAULT_MODEL
     from lowmoe.load.gguf import GGUF
     from lowmoe.load.model import open_model
-    from lowmoe.model import KVCache
+    from lowmoe.tier.vram import state_bytes
     from lowmoe.tier.budget import plan_cache
     from lowmoe.tier.store import is_packed, open_store
 
@@ -55,7 +55,7 @@ def main(args):
         "linear_attention_layers": [i for i, m in enumerate(cfg.layer_mixers) if m == "linear"],
         # per sequence: KV of the attention layers for each token, and the linear layers' fixed state
         "kv_bytes_per_token": cfg.layer_mixers.count("attention") * 2 * cfg.num_kv_heads * cfg.head_dim * 4,
-        "state_bytes": sum(c.nbytes + s.nbytes for c, s in KVCache(cfg, 1).recurrent()),
+        "state_bytes": state_bytes(cfg),
         "dense_bytes": total - expert_bytes,
         "expert_bytes": expert_bytes,
         "bytes_per_expert": expert_bytes // max(1, experts),

@@ -11,7 +11,7 @@ from dataclasses import dataclass, fields
 
 from ..errors import ConfigError, InputError
 
-SUPPORTED = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "qwen3_5_moe", "qwen3_5_moe_text")
+SUPPORTED = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "qwen3_5_moe", "qwen3_5_moe_text", "qwen3_next")
 
 # Per architecture: (MoE block prefix, expert projection names (gate, up, down)).
 _EXPERT_NAMES = {
@@ -20,9 +20,11 @@ _EXPERT_NAMES = {
     "qwen3_moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "olmoe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "qwen3_5_moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+    "qwen3_next": ("mlp", ("gate_proj", "up_proj", "down_proj")),
 }
-_DEFAULT_THETA = {"mixtral": 1e6, "qwen2_moe": 1e4, "qwen3_moe": 1e4, "olmoe": 1e4, "qwen3_5_moe": 1e4}
-_DEFAULT_EPS = {"mixtral": 1e-5, "qwen2_moe": 1e-6, "qwen3_moe": 1e-6, "olmoe": 1e-5, "qwen3_5_moe": 1e-6}
+_DEFAULT_THETA = {"mixtral": 1e6, "qwen2_moe": 1e4, "qwen3_moe": 1e4, "olmoe": 1e4, "qwen3_5_moe": 1e4, "qwen3_next": 1e4}
+_DEFAULT_EPS = {"mixtral": 1e-5, "qwen2_moe": 1e-6, "qwen3_moe": 1e-6, "olmoe": 1e-5, "qwen3_5_moe": 1e-6,
+                "qwen3_next": 1e-6}
 
 
 @dataclass(frozen=True)
@@ -134,10 +136,10 @@ def load_model_config(model_dir):
     return parse_model_config(cfg, path)
 
 
-def _qwen3_5(cfg, path):
-    """(the text model's config, tensor prefix, hybrid fields) of a qwen3_5_moe(_text) config.json: a
-    multimodal checkpoint nests the text model in text_config and prefixes its tensors with
-    model.language_model."""
+def _hybrid(cfg, path):
+    """(the text model's config, tensor prefix, hybrid fields) of a qwen3_5_moe(_text) or qwen3_next
+    config.json: a multimodal checkpoint nests the text model in text_config and prefixes its tensors
+    with model.language_model."""
     prefix = "model."
     if cfg["model_type"] == "qwen3_5_moe":
         text = cfg.get("text_config")
@@ -156,7 +158,7 @@ def _qwen3_5(cfg, path):
     rope = cfg.get("rope_parameters") or {}  # M-RoPE (mrope_section) on text positions is plain RoPE
     heads = _get(cfg, path, "num_attention_heads", int)
     head_dim = cfg.get("head_dim") or _get(cfg, path, "hidden_size", int) // heads
-    factor = float(rope.get("partial_rotary_factor", 0.25))
+    factor = float(rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 0.25)))
     shape = tuple(_get(cfg, path, k, int, d) for k, d in (("linear_num_key_heads", 16), ("linear_num_value_heads", 32),
                                                            ("linear_key_head_dim", 128), ("linear_value_head_dim", 128),
                                                            ("linear_conv_kernel_dim", 4)))
@@ -174,9 +176,9 @@ def parse_model_config(cfg, path="config.json"):
             f"{path}: unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED)}"
         )
     hybrid = {}
-    if model_type.startswith("qwen3_5_moe"):
-        cfg, hybrid = _qwen3_5(cfg, path)
-        model_type = "qwen3_5_moe"
+    if model_type.startswith("qwen3_5_moe") or model_type == "qwen3_next":
+        cfg, hybrid = _hybrid(cfg, path)
+        model_type = model_type[: len("qwen3_5_moe")] if model_type.startswith("qwen3_5_moe") else model_type
     _check_no_sliding_window(cfg, path, model_type)
     act = cfg.get("hidden_act", "silu")
     if act != "silu":
@@ -196,7 +198,7 @@ def parse_model_config(cfg, path="config.json"):
     if model_type == "qwen3_5_moe":  # every layer sparse
         expert_inter = dense_inter = _get(cfg, path, "moe_intermediate_size", int)
         sparse = (True,) * layers
-    elif model_type in ("qwen2_moe", "qwen3_moe"):
+    elif model_type in ("qwen2_moe", "qwen3_moe", "qwen3_next"):
         expert_inter = _get(cfg, path, "moe_intermediate_size", int)
         dense_inter = _get(cfg, path, "intermediate_size", int)
         step = _get(cfg, path, "decoder_sparse_step", int, 1)
@@ -209,7 +211,7 @@ def parse_model_config(cfg, path="config.json"):
     shared = 0
     if model_type == "qwen2_moe":
         shared = _get(cfg, path, "shared_expert_intermediate_size", int, 5632)
-    elif model_type == "qwen3_5_moe":
+    elif model_type in ("qwen3_5_moe", "qwen3_next"):
         shared = _get(cfg, path, "shared_expert_intermediate_size", int)
     qkv_bias = {
         "mixtral": False,
@@ -217,8 +219,9 @@ def parse_model_config(cfg, path="config.json"):
         "qwen3_moe": bool(cfg.get("attention_bias", False)),
         "olmoe": bool(cfg.get("attention_bias", False)),
         "qwen3_5_moe": bool(cfg.get("attention_bias", False)),
+        "qwen3_next": bool(cfg.get("attention_bias", False)),
     }[model_type]
-    o_bias = model_type in ("qwen3_moe", "olmoe", "qwen3_5_moe") and qkv_bias
+    o_bias = model_type in ("qwen3_moe", "olmoe", "qwen3_5_moe", "qwen3_next") and qkv_bias
     eos = cfg.get("eos_token_id")
     eos = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
 
@@ -235,12 +238,12 @@ def parse_model_config(cfg, path="config.json"):
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         num_experts=experts,
         top_k=top_k,
-        norm_topk_prob=model_type in ("mixtral", "qwen3_5_moe") or bool(cfg.get("norm_topk_prob", False)),
+        norm_topk_prob=model_type in ("mixtral", "qwen3_5_moe") or bool(cfg.get("norm_topk_prob", model_type == "qwen3_next")),
         expert_intermediate=expert_inter,
         dense_intermediate=dense_inter,
         sparse_layers=sparse,
         shared_expert_intermediate=shared,
-        qk_norm={"qwen3_moe": "head", "olmoe": "full", "qwen3_5_moe": "head"}.get(model_type, "none"),
+        qk_norm={"qwen3_moe": "head", "olmoe": "full", "qwen3_5_moe": "head", "qwen3_next": "head"}.get(model_type, "none"),
         clip_qkv=float(cfg.get("clip_qkv") or 0.0) if model_type == "olmoe" else 0.0,
         qkv_bias=qkv_bias,
         o_bias=o_bias,

@@ -107,13 +107,35 @@ def _norm(ckpt, cfg, name, n):
     return np.float32(1.0) + w if cfg.norm_offset else w
 
 
+def _grouped_projections(ckpt, cfg, p):
+    """Qwen3-Next's in_proj_qkvz [Hk (2 dk + 2 r dv), D] and in_proj_ba [Hk 2 r, D] (r = Hv / Hk), rows
+    grouped per key head (its q, k, the v of its r value heads, their z; their b, a), as the Matrix
+    records of Qwen3.5's split layout: qkv [all q | all k | all v], z, b, a."""
+    D, (Hk, Hv, dk, dv, _) = cfg.hidden_size, cfg.linear_shape
+    r = Hv // Hk
+    qkvz, dtype = ckpt.read(p + "in_proj_qkvz.weight", (Hk * (2 * dk + 2 * r * dv), D))
+    ba, ba_dtype = ckpt.read(p + "in_proj_ba.weight", (Hk * 2 * r, D))
+    qkvz, ba = qkvz.reshape(Hk, 2 * dk + 2 * r * dv, -1), ba.reshape(Hk, 2 * r, -1)
+    parts = np.cumsum([0, dk, dk, r * dv, r * dv])
+    q, k, v, z = (qkvz[:, a:b].reshape(-1, qkvz.shape[2]) for a, b in zip(parts, parts[1:]))
+
+    def matrix(rows, kind):
+        return Matrix(np.ascontiguousarray(rows), KERNEL_DTYPE[kind])
+
+    return (matrix(np.concatenate([q, k, v]), dtype), matrix(z, dtype), matrix(ba[:, :r].reshape(Hv, -1), ba_dtype),
+            matrix(ba[:, r:].reshape(Hv, -1), ba_dtype))
+
+
 def _linear_attention(ckpt, cfg, p):
     D, (Hk, Hv, dk, dv, K) = cfg.hidden_size, cfg.linear_shape
     C = 2 * Hk * dk + Hv * dv
     conv = ckpt.read_f32(p + "conv1d.weight", (C, 1, K)).reshape(C, K)
-    return LinearAttention(qkv=_matrix(ckpt, p + "in_proj_qkv.weight", (C, D)), z=_matrix(ckpt, p + "in_proj_z.weight", (Hv * dv, D)),
-                           b=_matrix(ckpt, p + "in_proj_b.weight", (Hv, D)), a=_matrix(ckpt, p + "in_proj_a.weight", (Hv, D)),
-                           conv=np.ascontiguousarray(conv), dt_bias=ckpt.read_f32(p + "dt_bias", (Hv,)),
+    if cfg.model_type == "qwen3_next":
+        qkv, z, b, a = _grouped_projections(ckpt, cfg, p)
+    else:
+        qkv, z = _matrix(ckpt, p + "in_proj_qkv.weight", (C, D)), _matrix(ckpt, p + "in_proj_z.weight", (Hv * dv, D))
+        b, a = _matrix(ckpt, p + "in_proj_b.weight", (Hv, D)), _matrix(ckpt, p + "in_proj_a.weight", (Hv, D))
+    return LinearAttention(qkv=qkv, z=z, b=b, a=a, conv=np.ascontiguousarray(conv), dt_bias=ckpt.read_f32(p + "dt_bias", (Hv,)),
                            A=-np.exp(ckpt.read_f32(p + "A_log", (Hv,))), norm=ckpt.read_f32(p + "norm.weight", (dv,)),
                            out=_matrix(ckpt, p + "out_proj.weight", (D, Hv * dv)))
 

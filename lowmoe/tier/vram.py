@@ -32,14 +32,30 @@ PREFILL_CHUNK = 512  # tokens per forward of a long prompt (bench and engine pre
 WORKSPACE_FIXED = 256 << 20
 
 
+def state_bytes(cfg):
+    """The f32 state of one sequence's linear-attention layers (model.KVCache): each its conv window
+    [K - 1, C] and recurrent state [Hv, dk, dv]."""
+    if not cfg.linear_shape:
+        return 0
+    Hk, Hv, dk, dv, K = cfg.linear_shape
+    return cfg.layer_mixers.count("linear") * ((K - 1) * (2 * Hk * dk + Hv * dv) + Hv * dk * dv) * 4
+
+
 def kv_bytes(cfg, context):
-    return 2 * cfg.num_layers * cfg.num_kv_heads * context * cfg.head_dim * 4 + 2 * context * (cfg.head_dim // 2) * 4
+    """model.KVCache of `context` positions: f32 keys and values of the attention layers, the RoPE
+    tables, the linear layers' state."""
+    attention = cfg.layer_mixers.count("attention")
+    rot = cfg.rotary_dim or cfg.head_dim
+    return 2 * attention * cfg.num_kv_heads * context * cfg.head_dim * 4 + 2 * context * (rot // 2) * 4 + state_bytes(cfg)
 
 
 def workspace_bytes(cfg, chunk=PREFILL_CHUNK):
     D, I, k, hd = cfg.hidden_size, cfg.expert_intermediate, cfg.top_k, cfg.head_dim
     H, KV, E = cfg.num_heads, cfg.num_kv_heads, cfg.num_experts
     per_token = 4 * D + (3 * H + 2 * KV) * hd + E + k * (I + D) + 2 * k  # f32 values per token in flight
+    if cfg.linear_shape:  # a Gated DeltaNet layer's: q | k | v before and after the conv, q, k, v, z, core
+        Hk, Hv, dk, dv, _ = cfg.linear_shape
+        per_token += 3 * (2 * Hk * dk + Hv * dv) + 3 * Hv * dv + 4 * Hv
     return WORKSPACE_FIXED + 4 * (chunk * per_token + cfg.vocab_size)
 
 
