@@ -1,5 +1,6 @@
 """`Engine`: the public API. Owns the weights, the experts and a KV cache per call."""
 
+import hashlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -207,12 +208,20 @@ class Engine:
         yield from self.stream_from(context, max_new_tokens, temperature, top_p, top_k, seed, stop_at_eos, stats)
 
     def stream_from(self, context, max_new_tokens, temperature=0.0, top_p=1.0, top_k=0, seed=None,
-                    stop_at_eos=True, stats=None):
+                    stop_at_eos=True, stats=None, forced=None):
         """Like `stream`, from a prefilled Context (which stays reusable: each decode from it
-        writes its new positions after the prompt's)."""
+        writes its new positions after the prompt's). `forced` (token ids, at least max_new_tokens):
+        each step takes its next id instead of sampling (decode along a given text, as benchmarks
+        do), and stats["logits_sha256"] digests every step's logits."""
         check_params(temperature, top_p, top_k)
         if max_new_tokens < 0:
             raise InputError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        digest = None
+        if forced is not None:
+            forced = self._check_ids(forced)
+            if len(forced) < max_new_tokens:
+                raise InputError(f"{len(forced)} forced token ids for {max_new_tokens} new tokens")
+            digest = hashlib.sha256()
         rng = np.random.default_rng(seed)
         kv, logits = context.kv, context.logits[None]
         kv.length = context.length
@@ -224,7 +233,7 @@ class Engine:
         self.model.experts.reset_stats()  # expert cache stats cover the decode steps
         try:
             for n in range(max_new_tokens):
-                token = sample(logits[-1], temperature, top_p, top_k, rng)
+                token = int(forced[n]) if forced is not None else sample(logits[-1], temperature, top_p, top_k, rng)
                 yield token
                 if n + 1 == max_new_tokens or (stop_at_eos and token in self.config.eos_token_ids):
                     break
@@ -233,8 +242,12 @@ class Engine:
                 logits = self.model.forward(np.array([token], np.int64), kv)
                 stats["decode_s"] += time.perf_counter() - t
                 stats["decode_tokens"] += 1
+                if digest is not None:
+                    digest.update(logits.tobytes())
         finally:
             stats.update(self.model.experts.stats())
+            if digest is not None:
+                stats["logits_sha256"] = digest.hexdigest()
 
     def generate(self, token_ids, max_new_tokens, temperature=0.0, top_p=1.0, top_k=0, seed=None,
                  stop_at_eos=True):

@@ -133,3 +133,41 @@ def test_bench_prompt_file_too_short(tmp_path, capsys):
     assert cli(["bench", "--context", "500", "--prompt-file", str(prompt), "--context-cache", "none"]) == 2
     err = capsys.readouterr().err.strip()
     assert str(prompt) in err and "fewer than the context of 500" in err
+
+
+def test_a_forced_decode_takes_the_given_tokens_and_digests_their_logits(engine):
+    """stream_from(forced=ids) yields the ids and computes each step's logits as a full-sequence
+    forward over the context and the ids would (digested: the same bytes give the same digest)."""
+    import hashlib
+
+    forced = [int(t) for t in np.random.default_rng(5).integers(1, 4096, 6)]
+    context = engine.prefill(IDS, room=6)
+    stats = {}
+    assert list(engine.stream_from(context, 6, stop_at_eos=False, stats=stats, forced=forced)) == forced
+    full = engine.logits(IDS + forced)[len(IDS) : len(IDS) + 5]  # after forced[0] .. forced[4]
+    steps = hashlib.sha256()
+    kv, step_logits = context.kv, []
+    kv.length = context.length
+    for t in forced[:5]:
+        step_logits.append(engine.model.forward(np.array([t], np.int64), kv))
+        steps.update(step_logits[-1].tobytes())
+    assert stats["logits_sha256"] == steps.hexdigest()
+    assert np.abs(np.concatenate(step_logits) - full).max() <= 1e-4 * np.abs(full).max()
+    with pytest.raises(InputError, match="5 forced token ids for 6 new tokens"):
+        list(engine.stream_from(context, 6, forced=forced[:5]))
+
+
+def test_bench_along_a_text(tmp_path, capsys):
+    """--text: every strategy decodes along the text's tokens, and its logits' digest equals the
+    resident run's (the bench refuses otherwise); a text shorter than --new-tokens is one line."""
+    text = tmp_path / "text.txt"
+    text.write_text("And God said, Let there be light: and there was light. And God saw the light, that it was good.")
+    args = ["bench", "--context", "32", "--new-tokens", "8", "--repeats", "1", "--expert-cache", "25%",
+            "--strategies", "none,reactive,nextgate,oracle", "--context-cache", "none", "--json"]
+    assert cli(args + ["--text", str(text)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["text"] == str(text) and out["strategies"]["oracle"]["topk_recall"] == 1.0
+    assert out["strategies"]["reactive"]["cache_hit_rate"] < 1
+    text.write_text("And God said")
+    assert cli(args + ["--text", str(text)]) == 2
+    assert "fewer than --new-tokens of 8" in capsys.readouterr().err

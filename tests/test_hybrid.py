@@ -142,3 +142,27 @@ def test_llama_cpps_gguf_decodes_as_the_checkpoint(hybrid):
             tokens, logits = _run(e, 24)
         assert tokens == want_tokens
         assert np.abs(logits - want_logits).max() <= 1e-4 * np.abs(want_logits).max()
+
+
+def test_predictors_fitted_on_it_change_no_output(hybrid, tmp_path):
+    """train-predictor on the hybrid (hidden states of its Gated DeltaNet and attention layers alike):
+    the learned predictor and pre-gate heads it fits predict, and decode the resident tokens."""
+    import shutil
+
+    from lowmoe.cli.__main__ import main as cli
+    from lowmoe.predict.learned import Learned
+    from lowmoe.predict.pregate import PreGate
+
+    model = shutil.copytree(hybrid, tmp_path / "model")
+    assert cli(["train-predictor", str(model), "--tokens", "160"]) == 0
+    assert cli(["train-predictor", str(model), "--kind", "pregate", "--tokens", "160", "--write-into",
+                str(tmp_path / "heads")]) == 0
+    with lowmoe.Engine.from_pretrained(hybrid) as e:
+        want_tokens, want_logits = _run(e)
+    for path, kind in ((model, Learned), (tmp_path / "heads", PreGate)):
+        with lowmoe.Engine.from_pretrained(str(path), expert_cache="min") as e:
+            assert isinstance(e.model.predictor, kind)
+            gen = e.generate(PROMPT, 12, stop_at_eos=False)
+            logits = e.logits(PROMPT)
+        assert gen.tokens == want_tokens and np.array_equal(logits, want_logits)
+        assert gen.stats["topk_recall"] > 0.4 and gen.stats["prefetched"] > 0  # chance: 2 of 8, 0.25

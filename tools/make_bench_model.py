@@ -16,7 +16,9 @@ greedy tokens). The predictors are fitted on the bundled model (same hidden stat
 start of the KJV, which its training saw; the bench prompt is the held-out end of the KJV.
 
 Writes OUT/model (safetensors, one shard per layer, pre-gate heads, moe_predictor.safetensors),
-OUT/packed (`lowmoe pack` of it) and bench_prompt.txt in both.
+OUT/packed (`lowmoe pack` of it), and in both bench_prompt.txt (the context) and bench_text.txt (the
+text after it, which `lowmoe bench` decodes along: small trained models repeat themselves after a
+few dozen greedy tokens, and a repeating text leaves nothing to predict).
 
 `--src` derives it from another model of the same recipe instead, such as the hybrid Qwen3.5-MoE
 model of `train_default_model.py --arch hybrid`; `--kv-heads 0` leaves attention as it is (a
@@ -36,12 +38,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import lowmoe
+from lowmoe.cli.benchmark import PROMPT_FILE as PROMPT, TEXT_FILE as TEXT
 from lowmoe.cli.train_predictor import record, train, train_pregate
 from lowmoe.tier.pack import pack_model
 from lowmoe.predict.learned import FILENAME, save
 from train_default_model import token_stream  # beside this tool
 
-PROMPT = "bench_prompt.txt"
 
 
 def widen(src, out, inter, kv_heads, heads, seed):
@@ -115,6 +117,7 @@ def main():
     ap.add_argument("--kv-heads", type=int, default=16, help="KV heads (bundled: 2; query heads: twice this; 0: as they are)")
     ap.add_argument("--calib-tokens", type=int, default=4096)
     ap.add_argument("--prompt-tokens", type=int, default=8192 + 512)
+    ap.add_argument("--text-tokens", type=int, default=512, help="tokens of bench_text.txt (after the prompt's)")
     args = ap.parse_args()
     src, model, packed = args.src, os.path.join(args.out, "model"), os.path.join(args.out, "packed")
     if os.path.exists(args.out):
@@ -124,9 +127,11 @@ def main():
         ids = token_stream(e.encode, e.tokenizer.token_to_id("<|endoftext|>"))  # the training stream
         rec = record(e, ids[: args.calib_tokens], args.calib_tokens, 0)
         learned, heads = train(e, rec), train_pregate(e, rec)
-        # The held-out end of the KJV, cut to whole tokens and kept as text.
-        prompt = e.decode(ids[-args.prompt_tokens:])
-        check_ids = ids[-args.prompt_tokens:][:32]
+        # The held-out end of the KJV, cut to whole tokens and kept as text: the context, then the
+        # text the bench decodes along (its last --text-tokens).
+        held = ids[-(args.prompt_tokens + args.text_tokens):]
+        prompt, text = e.decode(held[: args.prompt_tokens]), e.decode(held[args.prompt_tokens:])
+        check_ids = held[:32]
         reference = e.generate(check_ids, 24, stop_at_eos=False).tokens
     print(f"fitted learned and pre-gate predictors on {args.calib_tokens} tokens", flush=True)
 
@@ -140,10 +145,11 @@ def main():
     print("widened model: greedy tokens identical to the source model's", flush=True)
     pack_model(model, packed)
     for folder in (model, packed):
-        with open(os.path.join(folder, PROMPT), "w", encoding="utf-8") as f:
-            f.write(prompt)
+        for name, content in ((PROMPT, prompt), (TEXT, text)):
+            with open(os.path.join(folder, name), "w", encoding="utf-8") as f:
+                f.write(content)
     blob = os.path.getsize(os.path.join(packed, "experts.bin"))
-    print(f"wrote {model} and {packed} ({blob / 1e9:.2f} GB of packed experts) with {PROMPT}")
+    print(f"wrote {model} and {packed} ({blob / 1e9:.2f} GB of packed experts) with {PROMPT} and {TEXT}")
 
 
 if __name__ == "__main__":

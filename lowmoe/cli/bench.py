@@ -21,6 +21,9 @@ def add_arguments(p):
     p.add_argument("--readers", type=int, default=None, help="reader threads (default 1)")
     p.add_argument("--prompt-file", default=None, metavar="TEXTFILE",
                    help="context text (default: MODEL/bench_prompt.txt if present, else random token ids)")
+    p.add_argument("--text", default=None, metavar="TEXTFILE",
+                   help="decode along this text: each step takes its next token instead of the model's own choice, "
+                   "so routing follows real text (default: MODEL/bench_text.txt if present; 'none': greedy)")
     p.add_argument("--context-cache", default=os.path.join(os.path.expanduser("~"), ".cache", "lowmoe", "contexts"),
                    metavar="DIR", help="where built contexts are kept for later benches ('none': keep nothing)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
@@ -37,7 +40,8 @@ def main(args):
     from rich.progress import Progress
 
     from lowmoe import DEFAULT_MODEL, Engine
-    from lowmoe.cli.benchmark import PROMPT_FILE, STRATEGIES, Bench, check_strategies, context_ids, load_context, schedule
+    from lowmoe.cli.benchmark import PROMPT_FILE, STRATEGIES, TEXT_FILE, Bench, check_strategies, context_ids, load_context
+    from lowmoe.cli.benchmark import schedule
     from lowmoe.cli.benchmark import summarize
     from lowmoe.tier.budget import plan_cache
     from lowmoe.load.config import EngineConfig
@@ -72,6 +76,10 @@ def main(args):
         if prompt is None and os.path.isfile(os.path.join(model, PROMPT_FILE)):
             prompt = os.path.join(model, PROMPT_FILE)
         ids = context_ids(resident, prompt, args.context)
+        text = args.text
+        if text is None and os.path.isfile(os.path.join(model, TEXT_FILE)):
+            text = os.path.join(model, TEXT_FILE)
+        forced = None if text in (None, "none") else context_ids(resident, text, args.new_tokens, "--new-tokens")
         options = dict(expert_cache=args.expert_cache, storage=args.storage, readers=args.readers,
                        lookahead=args.lookahead, **gpu)
         EngineConfig.from_options(**options)  # bad options fail here, not after the prefill
@@ -81,7 +89,7 @@ def main(args):
             task = bar.add_task(f"prefill {args.context} tokens", total=args.context)
             context, loaded = load_context(resident, ids, args.new_tokens, cache_dir,
                                            lambda done, total: bar.update(task, completed=done))
-        bench = Bench(model, context, resident, args.new_tokens, options)
+        bench = Bench(model, context, resident, args.new_tokens, options, forced)
         runs = {n: [] for n in names}
         with Progress(console=err, transient=True) as bar:
             order = schedule(names, args.repeats)
@@ -97,6 +105,7 @@ def main(args):
     result = {"model": model, "device": args.device, "context": args.context, "expert_cache": args.expert_cache,
               "storage": args.storage or ("packed" if is_packed(model) else "checkpoint"),
               "new_tokens": args.new_tokens, "repeats": args.repeats, "context_from_cache": loaded,
+              "text": None if forced is None else text,
               "strategies": summarize(runs)}
     if args.json:
         print(json.dumps(result))
@@ -110,7 +119,8 @@ def _print_table(result, console):
 
     table = Table(title=f"{result['model']} on {result['device']}: context {result['context']}, expert cache "
                   f"{result['expert_cache']}, "
-                  f"{result['storage']} store, {result['new_tokens']} new tokens x {result['repeats']}",
+                  f"{result['storage']} store, {result['new_tokens']} new tokens "
+                  f"({'greedy' if result['text'] is None else 'along ' + os.path.basename(result['text'])}) x {result['repeats']}",
                   caption="stall: share of decode time spent waiting for expert reads; recall: |predicted top-k ∩ "
                   "chosen| / k; prefetch hits / cache hits: chosen experts a hint had read (or was reading) / that "
                   "were cached; disk GB/s: one reader's speed in the second before each run")

@@ -31,9 +31,10 @@ from ..tier.store import is_packed
 
 STRATEGIES = ("none", "reactive", "nextgate", "learned", "pregate", "history", "oracle")
 PROMPT_FILE = "bench_prompt.txt"  # default context text, when the model folder has one
+TEXT_FILE = "bench_text.txt"  # default text decoded along after the context, when the model folder has one
 
 
-def context_ids(engine, prompt_file, n):
+def context_ids(engine, prompt_file, n, what="the context"):
     """The first n token ids of `prompt_file`; without a file, n ids drawn with a fixed seed."""
     if prompt_file is None:
         return np.random.default_rng(0).integers(1, engine.config.vocab_size, n).tolist()
@@ -41,9 +42,9 @@ def context_ids(engine, prompt_file, n):
         with open(prompt_file, encoding="utf-8") as f:
             ids = engine.encode(f.read())
     except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"{prompt_file}: cannot read the context text ({e})") from None
+        raise InputError(f"{prompt_file}: cannot read the text ({e})") from None
     if len(ids) < n:
-        raise InputError(f"{prompt_file}: {len(ids)} tokens, fewer than the context of {n}")
+        raise InputError(f"{prompt_file}: {len(ids)} tokens, fewer than {what} of {n}")
     return ids[:n]
 
 
@@ -154,15 +155,16 @@ class Bench:
     """Runs strategies from one context. `options`: engine options for the offloaded runs
     (expert_cache, storage, readers, lookahead; on the GPU device, cpu_moe False and miss_policy)."""
 
-    def __init__(self, model_dir, context, resident, new_tokens, options):
+    def __init__(self, model_dir, context, resident, new_tokens, options, forced=None):
         self.model_dir = model_dir
         self.context = context
         self.resident = resident  # Engine with every expert: the `none` runs and the reference
         self.new_tokens = new_tokens
         self.options = options
+        self.forced = forced  # token ids each decode step takes instead of the greedy choice (real text)
         recorder = Recorder(resident.config)
-        resident.model.predictor = recorder  # untimed first run: reference tokens and true routing
-        self.reference = list(resident.stream_from(context, new_tokens, stop_at_eos=False))
+        resident.model.predictor = recorder  # untimed first run: reference tokens, logits and true routing
+        self.reference = self._output(resident, {})
         resident.model.predictor = None
         self.routes = recorder.routes
         self.files = expert_files(model_dir)
@@ -180,11 +182,15 @@ class Bench:
                 engine.model.predictor = Oracle(engine.config, self.routes, engine.options.lookahead)
             return dict(self._decode(engine), disk_gb_s=disk)
 
+    def _output(self, engine, stats):
+        """(tokens, digest of the logits when forced) of one decode from the context."""
+        tokens = list(engine.stream_from(self.context, self.new_tokens, stop_at_eos=False, stats=stats, forced=self.forced))
+        return tokens, stats.get("logits_sha256")
+
     def _decode(self, engine):
         stats = {}
-        tokens = list(engine.stream_from(self.context, self.new_tokens, stop_at_eos=False, stats=stats))
-        if tokens != self.reference:
-            raise LowmoeError(f"{self.model_dir}: decoded tokens differ from the resident run's "
+        if self._output(engine, stats) != self.reference:
+            raise LowmoeError(f"{self.model_dir}: decoded tokens or logits differ from the resident run's "
                               "(prediction and caching must never change output): a bug, please report it")
         stats["decode_tok_s"] = stats["decode_tokens"] / stats["decode_s"]
         return stats
