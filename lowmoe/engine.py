@@ -102,7 +102,9 @@ class Engine:
         checkpoint ships pre-gate heads, else learned if the model folder has
         moe_predictor.safetensors, else nextgate; "oracle" with oracle_trace, the `--trace` file of
         an earlier run of the same input: perfect hints, for benchmarks), lookahead (1 or 2 MoE
-        layers; nextgate and oracle look 2 ahead, the others 1), readers, read_timeout_s, cpu_moe.
+        layers; nextgate and oracle look 2 ahead, the others 1), refine (default True: with a predictor
+        other than the oracle, each MoE layer's hint is ranked again by its own router on its input,
+        before its token mixer), readers, read_timeout_s, cpu_moe.
         device "cuda" runs the model on the GPU (CuPy): every expert resident there when they fit;
         else vram_budget ("12GiB": dense weights, KV cache for max_context tokens, workspace, the
         rest expert slots) or expert_cache plans a GPU expert cache, and miss_policy ("wait", "cpu",
@@ -119,7 +121,8 @@ class Engine:
         if isinstance(experts, OffloadedExperts):
             predictor = make_predictor(options.predictor, cfg, dense, path, options.oracle_trace, options.lookahead)
         weights = dense if ops is cpu else to_device(dense, ops.to_device)  # the CPU computes from the loaded arrays
-        model = Model(cfg, weights, experts, ops, predictor, where)
+        refine = options.refine and predictor is not None and not isinstance(predictor, Oracle)  # its hints are true
+        model = Model(cfg, weights, experts, ops, predictor, where, refine)
         folder = path if os.path.isdir(path) else os.path.dirname(path)
         engine = cls(path, cfg, options, model, load_tokenizer(folder))
         if engine.tokenizer is None and isinstance(ckpt, GGUF):  # a tokenizer.json beside the file wins

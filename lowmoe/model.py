@@ -90,13 +90,14 @@ class Model:
     """where: "resident" (every expert on the compute device), "slots" (an expert cache there) or
     "host" (CPU-MoE: the experts on the CPU while the GPU runs the rest); see tier/placement.py."""
 
-    def __init__(self, cfg, weights, experts, ops=cpu, predictor=None, where="resident"):
+    def __init__(self, cfg, weights, experts, ops=cpu, predictor=None, where="resident", refine=False):
         self.cfg = cfg
         self.w = weights
         self.experts = experts
         self.ops = ops
         self.predictor = predictor  # hints the next MoE layer's experts during decode
         self.where = where
+        self.refine = refine  # rank each MoE layer's hint again on its input (_refine)
 
     def forward(self, tokens, kv, all_logits=False):
         """tokens int64[T] (host) at positions kv.length.. -> logits f32[T, V] (or [1, V], the last
@@ -107,6 +108,8 @@ class Model:
         x = ops.buffer((T, cfg.hidden_size))
         ops.embed(tokens, self.w.embed.w, self.w.embed.dtype, x)
         for i, layer in enumerate(self.w.layers):
+            if self.refine and T == 1 and layer.router is not None:
+                self._refine(i, layer, x)
             mixer = self._attention if layer.attn is not None else self._linear_attention
             x = x + mixer(i, layer, self._norm(x, layer.input_norm), kv)
             x = x + self._mlp(i, layer, self._norm(x, layer.post_norm), x)
@@ -114,6 +117,13 @@ class Model:
         if not all_logits:
             x = x[-1:]
         return ops.to_host(self._linear(self._norm(ops.xp.ascontiguousarray(x), self.w.norm), self.w.lm_head))
+
+    def _refine(self, i, layer, x):
+        """The second stage of prediction: layer i's own router on its input x f32[1, D] (normalised
+        by its post-mixer norm, as the router's input will be) ranks its experts again while its
+        token mixer runs; on the first MoE layer, the first stage of this token."""
+        logits = self.ops.to_host(self._linear(self._norm(x, layer.post_norm), layer.router))  # [1, E]
+        self.experts.refine_hint(i, np.argsort(-logits[0], kind="stable"))
 
     def _norm(self, x, w):
         return self.ops.rms_norm(x, w, self.cfg.rms_norm_eps)

@@ -63,7 +63,7 @@ def fake_copies(host_gpu, monkeypatch):
     monkeypatch.setattr(placement, "CupyDevice", Device)
 
 
-def launches(cfg, where):
+def launches(cfg, where, refined=False):
     """lowmoe kernels one decoded token launches. Outside the layers: embed, the final norm and the
     lm_head linear. Per layer, attention: input norm, q, k and v linears, the q and k norms (when
     the architecture has them), RoPE of q and of k, attention's split and combine kernels, the o
@@ -73,11 +73,13 @@ def launches(cfg, where):
     takes the GEMV kernels). In a MoE layer: the router linear, top-k, then the routed experts:
     gate_up, down and combine on the device ("resident", and "slots" in one group, as the cache
     has at least top_k slots), none on the GPU with CPU-MoE ("host"); a shared expert adds its
-    gate's linear and an expert_ffn."""
+    gate's linear and an expert_ffn. With a predictor, each MoE layer's hint is refined first: a
+    norm and the router's linear on the layer's input."""
     mixer = {"attention": 1 + 3 + (2 if cfg.qk_norm != "none" else 0) + 2 + 2 + 1, "linear": 12}
     routed = 0 if where == "host" else 3
     moe = 1 + 1 + routed + (1 + 3 if cfg.shared_expert_intermediate else 0)
-    return 3 + sum(mixer[m] + 1 + (moe if sparse else 3) for m, sparse in zip(cfg.layer_mixers, cfg.sparse_layers))
+    refine = 2 if refined else 0
+    return 3 + sum(mixer[m] + 1 + (moe + refine if sparse else 3) for m, sparse in zip(cfg.layer_mixers, cfg.sparse_layers))
 
 
 def cupy_kernels(cfg):
@@ -94,8 +96,9 @@ def cupy_kernels(cfg):
 def syncs(cfg, label):
     """Host waits per decoded token: the logits; with an expert cache each MoE layer's expert ids
     (the policy runs on the host), and with a predictor its input, the layer's hidden state; with
-    CPU-MoE each MoE layer's ids, u and w, a copy each."""
-    return 1 + {"resident": 0, "slots": 1, "slots nextgate": 2, "cpu-moe": 3}[label] * len(cfg.moe_layers)
+    CPU-MoE each MoE layer's ids, u and w, a copy each; with a predictor also the refinement's router
+    logits."""
+    return 1 + {"resident": 0, "slots": 1, "slots nextgate": 3, "cpu-moe": 3}[label] * len(cfg.moe_layers)
 
 
 def uploads(cfg, where):
@@ -119,14 +122,16 @@ def _counts(path, label):
                                          ("cpu-moe", "host")])
 def test_launches_and_syncs_per_token(host_gpu, fake_copies, label, where):
     """The bundled model (8 layers, all MoE, per-head q/k norm): 139 launches a token with the
-    experts on the device (115 with CPU-MoE), 1 host sync in resident mode, 1 + 8 with an expert
-    cache (1 + 2 x 8 with nextgate hints), 1 + 3 x 8 with CPU-MoE. No CuPy kernel is called by
+    experts on the device (155 with nextgate's refined hints, 115 with CPU-MoE), 1 host sync in
+    resident mode, 1 + 8 with an expert cache (1 + 3 x 8 with nextgate's hints and their
+    refinement), 1 + 3 x 8 with CPU-MoE. No CuPy kernel is called by
     name: no clipping, no shared expert, every matrix has a bias on the device, no fills without
     POISON, and the q, k and last-row arrays are contiguous already."""
     cfg, got, n = _counts(lowmoe.DEFAULT_MODEL, label)
     assert got == where
     assert cupy_kernels(cfg) == 0
-    assert n == dict(launches=launches(cfg, where), cupy=0, uploads=uploads(cfg, where), syncs=syncs(cfg, label))
+    assert n == dict(launches=launches(cfg, where, label == "slots nextgate"), cupy=0, uploads=uploads(cfg, where),
+                     syncs=syncs(cfg, label))
     if where == "resident":
         assert n["syncs"] == 1
 

@@ -30,10 +30,11 @@ class Wrong:
 
 @pytest.mark.parametrize("lookahead", [1, 2])
 @pytest.mark.parametrize("budget", ["min", "25%"])
-@pytest.mark.parametrize("predictor", ["none", "nextgate", "history", "wrong"])
+@pytest.mark.parametrize("predictor", ["none", "nextgate", "history", "wrong", "nextgate unrefined"])
 def test_output_identical_for_every_predictor(predictor, budget, lookahead, reference):
-    with lowmoe.Engine.from_pretrained(expert_cache=budget, lookahead=lookahead,
-                                       predictor="nextgate" if predictor == "wrong" else predictor) as e:
+    name = {"wrong": "nextgate", "nextgate unrefined": "nextgate"}.get(predictor, predictor)
+    with lowmoe.Engine.from_pretrained(expert_cache=budget, lookahead=lookahead, predictor=name,
+                                       refine=predictor != "nextgate unrefined") as e:
         assert e.model.experts.plan.staging == 4 * lookahead
         if predictor == "wrong":
             e.model.predictor = Wrong(e)
@@ -64,36 +65,56 @@ def test_hints_never_change_what_the_cache_holds(predictor):
         assert _cache_states(e) == reactive
 
 
-def test_recall_and_prefetch_stats_match_a_recount():
-    with lowmoe.Engine.from_pretrained(expert_cache="25%", predictor="nextgate") as e:
-        predicted, chosen = {}, {}
-        inner_predict, inner_forward = e.model.predictor.predict, e.model.experts.forward
+@pytest.mark.parametrize("refine", [False, True])
+def test_recall_and_prefetch_stats_match_a_recount(refine):
+    """topk_recall and recall_at_2k count the final hints (refined on each layer's input, or the
+    predictor's own), early_topk_recall the predictor's; the refinement, which ranks with the
+    layer's own router on its actual input, beats nextgate's ranking from the layer before, and is
+    the only prediction of the first MoE layer."""
+    with lowmoe.Engine.from_pretrained(expert_cache="25%", predictor="nextgate", refine=refine) as e:
+        early, final, chosen = {}, {}, {}
+        experts = e.model.experts
+        inner_predict, inner_forward, inner_refine = e.model.predictor.predict, experts.forward, experts.refine_hint
 
         def predict(layer, h, c):
             hints = inner_predict(layer, h, c)
             for later, ranked in hints:
-                predicted.setdefault(later, []).append(ranked)
+                early.setdefault(later, []).append(ranked)
             return hints
+
+        def refine_hint(layer, ranked):
+            final.setdefault(layer, []).append(ranked)
+            return inner_refine(layer, ranked)
 
         def forward(layer, u, idx, w):
             if len(u) == 1:
                 chosen.setdefault(layer, []).append(set(idx[0].tolist()))
             return inner_forward(layer, u, idx, w)
 
-        e.model.predictor.predict, e.model.experts.forward = predict, forward
+        e.model.predictor.predict, experts.forward, experts.refine_hint = predict, forward, refine_hint
         stats = e.generate(PROMPT, NEW, stop_at_eos=False).stats
     k = e.config.top_k
-    recalls, recalls_2k = [], []
-    for layer, preds in predicted.items():
-        for ranked, c in zip(preds, chosen[layer][-len(preds):]):
-            recalls.append(len(set(ranked[:k].tolist()) & c) / k)
-            recalls_2k.append(len(set(ranked[: 2 * k].tolist()) & c) / k)
+    first = e.config.moe_layers[0]
+    hints = final if refine else early
+
+    def recount(ranks, width):
+        out = []
+        for layer, preds in ranks.items():
+            for ranked, c in zip(preds, chosen[layer][-len(preds):]):
+                out.append(len(set(ranked[:width].tolist()) & c) / k)
+        return np.mean(out)
+
     # stats cover the decode steps after prefill; the recount covers the same forwards
-    assert stats["topk_recall"] == pytest.approx(np.mean(recalls))
-    assert stats["recall_at_2k"] == pytest.approx(np.mean(recalls_2k))
+    assert stats["topk_recall"] == pytest.approx(recount(hints, k))
+    assert stats["recall_at_2k"] == pytest.approx(recount(hints, 2 * k))
+    assert stats["early_topk_recall"] == pytest.approx(recount({**early, first: hints.get(first, [])}, k))
     assert stats["topk_recall"] > 0.5  # the trained router predicts its next layer well
     per_layer = {s["layer"]: s for s in stats["per_layer"]}
-    assert per_layer[e.config.moe_layers[0]]["topk_recall"] == 0.0  # nothing predicts the first layer
+    if refine:
+        assert stats["topk_recall"] > stats["early_topk_recall"]
+        assert per_layer[first]["topk_recall"] > 0.25  # chance: 4 of 16
+    else:
+        assert not final and per_layer[first]["topk_recall"] == 0.0  # nothing predicts the first layer
     used = stats["hits"] + stats["prefetched"] + stats["misses"]
     assert stats["prefetch_hit_rate"] == pytest.approx(stats["prefetched"] / used)
 

@@ -19,8 +19,9 @@ import numpy as np
 PLACEMENTS = {
     "resident": (dict(cpu_moe=False), 0),  # the router's ids stay on the device
     "slots": (dict(expert_cache="25%", predictor="none", miss_policy="wait", cpu_moe=False), 1),  # its ids
-    # + the hidden state the predictor reads (its ids are on the host by then: no second wait)
-    "slots nextgate": (dict(expert_cache="25%", predictor="nextgate", miss_policy="wait", cpu_moe=False), 2),
+    # + the hidden state the predictor reads (its ids are on the host by then: no second wait), and
+    # the refinement's router logits on the layer's input (model.Model._refine)
+    "slots nextgate": (dict(expert_cache="25%", predictor="nextgate", miss_policy="wait", cpu_moe=False), 3),
     "cpu-moe": (dict(cpu_moe=True), 3),  # ids, u and w: three copies, each waited for
 }
 COUNTED = ("launches", "cupy", "uploads", "syncs")

@@ -19,8 +19,8 @@ The hybrid: 8 layers, three Gated DeltaNet layers to one gated full-attention la
 pattern), 64 experts top-8 of intermediate 64 plus a shared expert, trained on sequences of 1024
 tokens with the bundled model's tokenizer:
 
-    python tools/train_default_model.py --arch hybrid --out /var/tmp/lowmoe-hybrid --steps 250 \
-        --batch 4 --seq 1024 --tokenizer lowmoe/models/default/tokenizer.json
+    python tools/train_default_model.py --arch hybrid --out /var/tmp/lowmoe-hybrid/model --steps 150 \
+        --batch 2 --seq 1024 --tokenizer lowmoe/models/default/tokenizer.json
 """
 
 import argparse

@@ -18,6 +18,8 @@ def add_arguments(p):
                    help="slow tier (default: packed if the folder is packed, else checkpoint)")
     p.add_argument("--repeats", type=int, default=3, help="runs of each strategy (default 3); the median is reported")
     p.add_argument("--lookahead", type=int, default=None, choices=(1, 2), help="MoE layers ahead hints cover (default 1)")
+    p.add_argument("--no-refine", dest="refine", action="store_false", default=None,
+                   help="hint each MoE layer once, from the layer before, without ranking it again on its own input")
     p.add_argument("--readers", type=int, default=None, help="reader threads (default 1)")
     p.add_argument("--prompt-file", default=None, metavar="TEXTFILE",
                    help="context text (default: MODEL/bench_prompt.txt if present, else random token ids)")
@@ -81,7 +83,7 @@ def main(args):
             text = os.path.join(model, TEXT_FILE)
         forced = None if text in (None, "none") else context_ids(resident, text, args.new_tokens, "--new-tokens")
         options = dict(expert_cache=args.expert_cache, storage=args.storage, readers=args.readers,
-                       lookahead=args.lookahead, **gpu)
+                       lookahead=args.lookahead, refine=args.refine, **gpu)
         EngineConfig.from_options(**options)  # bad options fail here, not after the prefill
         plan_cache(args.expert_cache, resident.config, resident.model.experts.layout.block)
         cache_dir = None if args.context_cache == "none" else args.context_cache

@@ -56,6 +56,8 @@ def add_engine_arguments(p):
                    "pre-gate heads, else learned if the model has a fitted predictor (MODEL/moe_predictor.safetensors; "
                    "NAME.moe_predictor.safetensors beside NAME.gguf), else "
                    "nextgate; none: the reactive cache; oracle: replays --oracle-trace)")
+    p.add_argument("--no-refine", dest="refine", action="store_false", default=None,
+                   help="hint each MoE layer once, from the layer before, without ranking it again on its own input")
     p.add_argument("--lookahead", type=int, default=None, choices=(1, 2),
                    help="MoE layers ahead that hints cover (default 1; nextgate and oracle can look 2 ahead)")
     p.add_argument("--oracle-trace", default=None, metavar="FILE",
@@ -66,6 +68,7 @@ def add_engine_arguments(p):
 def engine_options(args):
     return {"device": args.device, "expert_cache": args.expert_cache, "storage": args.storage, "readers": args.readers,
             "predictor": args.predictor, "oracle_trace": args.oracle_trace, "lookahead": args.lookahead,
+            "refine": args.refine,
             "vram_budget": args.vram_budget, "max_context": args.max_context, "miss_policy": args.miss_policy}
 
 

@@ -259,7 +259,7 @@ MISS_POLICIES = ("wait", "cpu", "auto")
 # EngineConfig field -> environment variable; an option given to the API or CLI wins.
 ENV_VARS = {"expert_cache": "SHARPI_EXPERT_CACHE", "storage": "SHARPI_STORAGE", "readers": "SHARPI_READERS",
             "cpu_moe": "SHARPI_CPU_MOE", "predictor": "SHARPI_MOE_PREDICTOR", "lookahead": "SHARPI_MOE_LOOKAHEAD",
-            "vram_budget": "SHARPI_VRAM_BUDGET", "miss_policy": "SHARPI_MISS_POLICY"}
+            "vram_budget": "SHARPI_VRAM_BUDGET", "miss_policy": "SHARPI_MISS_POLICY", "refine": "SHARPI_MOE_REFINE"}
 
 
 @dataclass(frozen=True)
@@ -283,6 +283,8 @@ class EngineConfig:
     # heads, else learned if fitted, else nextgate
     oracle_trace: str = None  # the `--trace` file of an earlier run of the same input, for "oracle"
     lookahead: int = 1  # MoE layers ahead that hints cover (1 or 2)
+    refine: bool = True  # with a predictor: each MoE layer's hint ranked again by its own router on its
+    # input, before its token mixer runs (model.Model._refine)
 
     @classmethod
     def from_options(cls, env=None, **options):
@@ -336,7 +338,7 @@ class EngineConfig:
 
 
 def _from_env(name, var, text):
-    if name == "cpu_moe":
+    if name in ("cpu_moe", "refine"):
         if text not in ("0", "1"):
             raise InputError(f"{var}={text!r}: expected 0 or 1")
         return text == "1"

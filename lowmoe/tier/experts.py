@@ -61,7 +61,7 @@ class LayerStats:
     staged it or had its read in flight) or a miss (a demand read)."""
 
     FIELDS = ("hits", "prefetched", "misses", "bytes_read", "wasted_bytes", "stall_s", "predictions",
-              "recall_k", "recall_2k")
+              "recall_k", "recall_2k", "recall_early")
 
     def __init__(self):
         for f in self.FIELDS:
@@ -78,6 +78,7 @@ class LayerStats:
                 "cache_hit_rate": self.hits / used if used else 0.0,
                 "prefetch_hit_rate": self.prefetched / used if used else 0.0,
                 "topk_recall": self.recall_k / n if n else 0.0, "recall_at_2k": self.recall_2k / n if n else 0.0,
+                "early_topk_recall": self.recall_early / n if n else 0.0,
                 "bytes_read": self.bytes_read, "wasted_bytes": self.wasted_bytes, "stall_s": self.stall_s}
 
 
@@ -176,7 +177,8 @@ class OffloadedExperts:
         self.broken = None
         self.staged = {}  # key -> Request of a hint read into a staging slot
         self.releasing = {}  # key -> Request of a hint the gating did not choose; slot freed once read
-        self.predicted = {}  # layer -> experts ranked by the predictor for this token
+        self.predicted = {}  # layer -> experts ranked for this token (refined, where refine_hint ran)
+        self.early = {}  # layer -> the predictor's own ranking (before refinement)
         self.on_event = None  # callable(LayerEvent) for each decode layer, e.g. a trace sink
         # How often the predictor's r-th most likely expert was then chosen, for hint_width().
         self.rank_right = np.zeros(cfg.top_k, np.int64)
@@ -189,7 +191,25 @@ class OffloadedExperts:
         most likely first, into free staging slots. Evicts nothing: the cache changes only when
         the gating fires."""
         self._sweep()
+        self.predicted[layer] = self.early[layer] = ranked
+        self._read_ahead(layer, ranked)
+
+    def refine_hint(self, layer, ranked):
+        """Replaces the hint of `layer` by a better-informed ranking (its own router on its input,
+        before its attention): queued reads it drops are cancelled (a read already started is
+        kept), the experts it adds are read at once."""
+        self._sweep()
         self.predicted[layer] = ranked
+        keep = {(layer, int(e)) for e in ranked[: self.hint_width()]}
+        for key in [k for k in self.staged if k[0] == layer and k not in keep]:
+            req = self.staged.pop(key)
+            if self.reader.cancel(req):
+                self.cache.release(req.slot)
+            else:
+                self.releasing[key] = req
+        self._read_ahead(layer, ranked)
+
+    def _read_ahead(self, layer, ranked):
         for e in ranked[: self.hint_width()]:
             key = (layer, int(e))
             if key in self.cache or key in self.staged:
@@ -239,7 +259,7 @@ class OffloadedExperts:
         if tracing:  # counters before this layer, for the event's deltas; not paid without a trace
             before = LayerStats()
             before.add(st)
-        ranked = self.predicted.pop(layer, None)
+        ranked, early = self.predicted.pop(layer, None), self.early.pop(layer, None)
         if ranked is not None and idx.shape[0] == 1:
             k = self.cfg.top_k
             self.rank_seen += 1
@@ -247,6 +267,7 @@ class OffloadedExperts:
             st.predictions += 1
             st.recall_k += len(set(ranked[:k].tolist()) & set(rows)) / k
             st.recall_2k += len(set(ranked[: 2 * k].tolist()) & set(rows)) / k
+            st.recall_early += len(set((ranked if early is None else early)[:k].tolist()) & set(rows)) / k
         # Cached experts first. A prefill can route to more experts than the cache has slots:
         # then they go through in groups of at most `slots`.
         keys = sorted(((layer, e) for e in rows), key=lambda k: self.cache.lookup(k) is None)
