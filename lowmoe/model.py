@@ -17,6 +17,7 @@ its policy runs.
 import numpy as np
 
 from .backend import cpu
+from .predict.first_layer import TokenTable
 
 
 class KVCache:
@@ -98,6 +99,7 @@ class Model:
         self.predictor = predictor  # hints the next MoE layer's experts during decode
         self.where = where
         self.refine = refine  # rank each MoE layer's hint again on its input (_refine)
+        self.first = TokenTable(cfg.vocab_size, cfg.top_k) if refine and cfg.moe_layers else None
 
     def forward(self, tokens, kv, all_logits=False):
         """tokens int64[T] (host) at positions kv.length.. -> logits f32[T, V] (or [1, V], the last
@@ -109,21 +111,25 @@ class Model:
         ops.embed(tokens, self.w.embed.w, self.w.embed.dtype, x)
         for i, layer in enumerate(self.w.layers):
             if self.refine and T == 1 and layer.router is not None:
-                self._refine(i, layer, x)
+                self._refine(i, layer, x, tokens[0])
             mixer = self._attention if layer.attn is not None else self._linear_attention
             x = x + mixer(i, layer, self._norm(x, layer.input_norm), kv)
-            x = x + self._mlp(i, layer, self._norm(x, layer.post_norm), x)
+            x = x + self._mlp(i, layer, self._norm(x, layer.post_norm), x, tokens)
         kv.length = start + T
         if not all_logits:
             x = x[-1:]
         return ops.to_host(self._linear(self._norm(ops.xp.ascontiguousarray(x), self.w.norm), self.w.lm_head))
 
-    def _refine(self, i, layer, x):
+    def _refine(self, i, layer, x, token):
         """The second stage of prediction: layer i's own router on its input x f32[1, D] (normalised
         by its post-mixer norm, as the router's input will be) ranks its experts again while its
-        token mixer runs; on the first MoE layer, the first stage of this token."""
+        token mixer runs. On the first MoE layer, the only prediction of this token: the experts it
+        chose for `token` last time (predict/first_layer.py) first."""
         logits = self.ops.to_host(self._linear(self._norm(x, layer.post_norm), layer.router))  # [1, E]
-        self.experts.refine_hint(i, np.argsort(-logits[0], kind="stable"))
+        ranked = np.argsort(-logits[0], kind="stable")
+        if i == self.cfg.moe_layers[0]:
+            ranked = self.first.rank(token, ranked)
+        self.experts.refine_hint(i, ranked)
 
     def _norm(self, x, w):
         return self.ops.rms_norm(x, w, self.cfg.rms_norm_eps)
@@ -192,15 +198,17 @@ class Model:
         core = ops.gated_rms_norm(core.reshape(T * Hv, dv), z.reshape(T * Hv, dv), L.norm, cfg.rms_norm_eps)
         return self._linear(core.reshape(T, Hv * dv), L.out)
 
-    def _mlp(self, i, layer, u, h):
+    def _mlp(self, i, layer, u, h, tokens):
         """u f32[T, D] normalised input of the MLP; h f32[T, D] the residual it is added to (the
-        predictors' input)."""
+        predictors' input); tokens int64[T] the ids of the forward pass."""
         cfg, ops = self.cfg, self.ops
         if layer.router is None:
             return self._ffn(u, layer.mlp)
         idx, w = ops.router_topk(self._linear(u, layer.router), cfg.top_k, cfg.norm_topk_prob)  # [T, k]
         if self.where != "resident":  # the cache policy runs on the host: wait for the ids
             idx = np.asarray(ops.to_host(idx), np.int64)
+        if self.first is not None and i == cfg.moe_layers[0]:  # refine is on: ids are on the host
+            self.first.update(tokens, idx)
         if self.predictor is not None and len(u) == 1:
             # Start reads for the next MoE layer before this layer computes its experts.
             chosen = np.asarray(ops.to_host(idx[0]), np.int64)

@@ -175,5 +175,36 @@ def test_hints_narrow_to_the_ranks_that_come_true():
         assert ex.hint_width() == k  # no evidence yet: every rank is trusted
         assert e.generate(PROMPT, NEW, stop_at_eos=False).tokens == expected
         seen = (NEW - 1) * (len(e.config.moe_layers) - 1)
-        assert ex.rank_seen == seen and ex.rank_right.tolist() == [seen] * (k - 1) + [0]
-        assert ex.hint_width() == k - 1
+        assert ex.rank_seen["early"] == seen and ex.rank_right["early"].tolist() == [seen] * (k - 1) + [0]
+        assert ex.hint_width() == k - 1 and ex.hint_width("refined") == k  # refinement is off here
+
+
+def test_token_table_keeps_each_tokens_last_routing_and_ranks_it_first():
+    from lowmoe.predict.first_layer import TokenTable
+
+    table = TokenTable(10, 2)
+    table.update(np.array([3, 5, 3]), np.array([[1, 2], [7, 0], [4, 6]]))
+    ranked = np.array([6, 0, 1, 2, 3, 4, 5, 7])
+    assert table.rank(3, ranked).tolist() == [4, 6, 0, 1, 2, 3, 5, 7]  # the last of token 3's routings
+    assert table.rank(5, ranked).tolist() == [7, 0, 6, 1, 2, 3, 4, 5]
+    assert table.rank(9, ranked) is ranked  # never seen: the router's ranking
+
+
+def test_the_first_moe_layer_is_predicted_from_the_token_table():
+    """The prefill's and each step's first-layer routing fill the table; a prompt whose tokens come
+    back gets a better first-layer recall than the router on the embedding alone, the same output."""
+    from lowmoe.predict.first_layer import TokenTable
+
+    prompt = PROMPT * 3
+    recalls, outputs = {}, []
+    for use_table in (False, True):
+        with lowmoe.Engine.from_pretrained(expert_cache="25%", predictor="nextgate") as e:
+            first = e.config.moe_layers[0]
+            if not use_table:
+                e.model.first.rank = lambda token, ranked: ranked
+            gen = e.generate(prompt, NEW, stop_at_eos=False)
+            table = e.model.first
+        outputs.append(gen.tokens)
+        recalls[use_table] = {s["layer"]: s["topk_recall"] for s in gen.stats["per_layer"]}[first]
+        assert isinstance(table, TokenTable) and (table.experts[prompt] >= 0).all()
+    assert recalls[True] > recalls[False] and outputs[0] == outputs[1]

@@ -34,13 +34,14 @@ def test_heads_replace_the_predictor_and_keep_output(tmp_path):
         ref = e.generate(PROMPT, 12, stop_at_eos=False).tokens
         heads = _router_heads(e)
     path = _with_heads(tmp_path, heads)
-    for budget, lookahead in (("min", 1), ("min", 2), ("25%", 2), ("25%", 1)):
-        with lowmoe.Engine.from_pretrained(path, expert_cache=budget, lookahead=lookahead) as e:
+    for budget, lookahead, refine in (("min", 1, True), ("min", 2, True), ("25%", 2, True), ("25%", 1, False)):
+        with lowmoe.Engine.from_pretrained(path, expert_cache=budget, lookahead=lookahead, refine=refine) as e:
             assert isinstance(e.model.predictor, PreGate)
             gen = e.generate(PROMPT, 12, stop_at_eos=False)
         assert gen.tokens == ref
     assert gen.stats["prefetched"] > 0 and gen.stats["topk_recall"] > 0.5
     per_layer = {s["layer"]: s for s in gen.stats["per_layer"]}
+    # the heads alone (no refinement) predict every MoE layer after the first, and not the first
     assert per_layer[7]["topk_recall"] > 0 and per_layer[0]["topk_recall"] == 0
 
 

@@ -219,6 +219,9 @@ def summarize(runs):
             "decode_tok_s": statistics.median(tok_s),
             "stall_fraction": statistics.median(s.get("stall_s", 0.0) / s["decode_s"] for s in stats),
             "topk_recall": None if name in ("none", "reactive") else stats[0]["topk_recall"],
+            "early_topk_recall": None if name in ("none", "reactive") else stats[0].get("early_topk_recall"),
+            "topk_recall_per_layer": None if name in ("none", "reactive") else
+            [layer["topk_recall"] for layer in stats[0].get("per_layer", [])],
             "prefetch_hit_rate": stats[0].get("prefetch_hit_rate", 0.0),
             "cache_hit_rate": stats[0].get("cache_hit_rate", 1.0),
             "bytes_per_token": statistics.median(s.get("bytes_read", 0) / s["decode_tokens"] for s in stats),

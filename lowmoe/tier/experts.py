@@ -180,9 +180,10 @@ class OffloadedExperts:
         self.predicted = {}  # layer -> experts ranked for this token (refined, where refine_hint ran)
         self.early = {}  # layer -> the predictor's own ranking (before refinement)
         self.on_event = None  # callable(LayerEvent) for each decode layer, e.g. a trace sink
-        # How often the predictor's r-th most likely expert was then chosen, for hint_width().
-        self.rank_right = np.zeros(cfg.top_k, np.int64)
-        self.rank_seen = 0
+        # How often the r-th most likely expert of a hint (the predictor's own: "early", or refined:
+        # "refined") was then chosen, for hint_width(): each stage reads as far as it is precise.
+        self.rank_right = {stage: np.zeros(cfg.top_k, np.int64) for stage in ("early", "refined")}
+        self.rank_seen = {"early": 0, "refined": 0}
         self.token = 0  # decode step, set by the engine
         self.reset_stats()
 
@@ -192,7 +193,7 @@ class OffloadedExperts:
         the gating fires."""
         self._sweep()
         self.predicted[layer] = self.early[layer] = ranked
-        self._read_ahead(layer, ranked)
+        self._read_ahead(layer, ranked, "early")
 
     def refine_hint(self, layer, ranked):
         """Replaces the hint of `layer` by a better-informed ranking (its own router on its input,
@@ -200,17 +201,17 @@ class OffloadedExperts:
         kept), the experts it adds are read at once."""
         self._sweep()
         self.predicted[layer] = ranked
-        keep = {(layer, int(e)) for e in ranked[: self.hint_width()]}
+        keep = {(layer, int(e)) for e in ranked[: self.hint_width("refined")]}
         for key in [k for k in self.staged if k[0] == layer and k not in keep]:
             req = self.staged.pop(key)
             if self.reader.cancel(req):
                 self.cache.release(req.slot)
             else:
                 self.releasing[key] = req
-        self._read_ahead(layer, ranked)
+        self._read_ahead(layer, ranked, "refined")
 
-    def _read_ahead(self, layer, ranked):
-        for e in ranked[: self.hint_width()]:
+    def _read_ahead(self, layer, ranked, stage):
+        for e in ranked[: self.hint_width(stage)]:
             key = (layer, int(e))
             if key in self.cache or key in self.staged:
                 continue
@@ -222,17 +223,19 @@ class OffloadedExperts:
                 break
             self.staged[key] = self.reader.submit(key, slot, HINT)
 
-    def hint_width(self):
+    def hint_width(self, stage="early"):
         """How many of the predicted experts to read: the leading ranks (at most top-k) whose
         predictions have come true at least RANK_PRECISION of the time so far. When the disk is
         the bottleneck, a wrong hint costs a whole read of disk time that a needed expert waits
         behind, while a right one only moves a read earlier. Measured at 8K context and 25-50%
         cache: the learned predictor's ranks came true 99/96/88/69% of the time, and hinting
-        the first three beat hinting all four; reading beyond the top k lost even for the oracle."""
+        the first three beat hinting all four; reading beyond the top k lost even for the oracle.
+        Each stage (the predictor's hint, its refinement) is judged by its own record: a refined
+        hint comes true more often, and must not widen the earlier, less precise one."""
         k = self.cfg.top_k
-        if self.rank_seen < 32:  # too few predictions to judge: trust them
+        if self.rank_seen[stage] < 32:  # too few predictions to judge: trust them
             return k
-        precise = self.rank_right >= RANK_PRECISION * self.rank_seen
+        precise = self.rank_right[stage] >= RANK_PRECISION * self.rank_seen[stage]
         return max(1, k if precise.all() else int(np.argmin(precise)))
 
     def _sweep(self):
@@ -262,8 +265,10 @@ class OffloadedExperts:
         ranked, early = self.predicted.pop(layer, None), self.early.pop(layer, None)
         if ranked is not None and idx.shape[0] == 1:
             k = self.cfg.top_k
-            self.rank_seen += 1
-            self.rank_right += [int(e) in rows for e in ranked[:k]]
+            for stage, r in (("early", early), ("refined", ranked if ranked is not early else None)):
+                if r is not None:
+                    self.rank_seen[stage] += 1
+                    self.rank_right[stage] += [int(e) in rows for e in r[:k]]
             st.predictions += 1
             st.recall_k += len(set(ranked[:k].tolist()) & set(rows)) / k
             st.recall_2k += len(set(ranked[: 2 * k].tolist()) & set(rows)) / k
