@@ -171,3 +171,22 @@ def test_bench_along_a_text(tmp_path, capsys):
     text.write_text("And God said")
     assert cli(args + ["--text", str(text)]) == 2
     assert "fewer than --new-tokens of 8" in capsys.readouterr().err
+
+
+def test_bench_without_a_resident_engine(tmp_path, capsys, monkeypatch):
+    """--no-resident: no engine ever holds every expert (the reference is a reactive run through the
+    budget's cache); each strategy decodes the reference's tokens, the oracle replays its routing;
+    asking for 'none' is one line."""
+    from lowmoe.tier import experts
+
+    held = []
+    resident_init = experts.ResidentExperts.__init__
+    monkeypatch.setattr(experts.ResidentExperts, "__init__", lambda self, *a, **k: held.append(1) or resident_init(self, *a, **k))
+    args = ["bench", "--context", "32", "--new-tokens", "6", "--repeats", "1", "--expert-cache", "25%",
+            "--context-cache", "none", "--no-resident", "--json"]
+    assert cli(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["resident"] is False and "none" not in out["strategies"] and not held
+    assert out["strategies"]["oracle"]["topk_recall"] == 1.0
+    assert cli(args + ["--strategies", "none,reactive"]) == 2
+    assert "leave it out with --no-resident" in capsys.readouterr().err

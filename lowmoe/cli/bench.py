@@ -34,6 +34,9 @@ def add_arguments(p):
     p.add_argument("--miss-policy", default=None, choices=("wait", "cpu", "auto"),
                    help="with --device cuda: where the GPU expert cache computes a miss whose copy is in flight "
                    "(default auto)")
+    p.add_argument("--no-resident", action="store_true",
+                   help="never hold every expert (a model larger than memory): the context is prefilled and the "
+                   "reference decoded through a reactive cache of --expert-cache; no 'none' strategy")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
 
 
@@ -64,16 +67,25 @@ def main(args):
     gpu = dict(device="cuda", cpu_moe=False, miss_policy=args.miss_policy) if args.device == "cuda" else {}
     if args.miss_policy is not None and not gpu:
         raise InputError("--miss-policy is for the GPU expert cache: give --device cuda")
-    resident = Engine.from_pretrained(model, storage=args.storage, device=args.device,
-                                      cpu_moe=False if gpu else None)
+    options = dict(expert_cache=args.expert_cache, storage=args.storage, readers=args.readers,
+                   lookahead=args.lookahead, refine=args.refine, **gpu)
+    EngineConfig.from_options(**options)  # bad options fail here, before loading anything
+    if args.no_resident:  # the reference: a reactive run, holding no more experts than the budget
+        resident = Engine.from_pretrained(model, **dict(options, predictor="none"))
+    else:
+        resident = Engine.from_pretrained(model, storage=args.storage, device=args.device,
+                                          cpu_moe=False if gpu else None)
     try:
         learned = os.path.isfile(predictor_file(model))
         heads = has_heads(resident.model.w)
         if args.strategies is None:
-            names = [s for s in STRATEGIES if (s != "learned" or learned) and (s != "pregate" or heads)]
+            names = [s for s in STRATEGIES if (s != "learned" or learned) and (s != "pregate" or heads)
+                     and (s != "none" or not args.no_resident)]
         else:
             names = [s.strip() for s in args.strategies.split(",") if s.strip()]
         check_strategies(names, model, learned, heads)
+        if args.no_resident and "none" in names:
+            raise InputError("strategy 'none' holds every expert: leave it out with --no-resident")
         prompt = args.prompt_file
         if prompt is None and os.path.isfile(os.path.join(model, PROMPT_FILE)):
             prompt = os.path.join(model, PROMPT_FILE)
@@ -82,9 +94,6 @@ def main(args):
         if text is None and os.path.isfile(os.path.join(model, TEXT_FILE)):
             text = os.path.join(model, TEXT_FILE)
         forced = None if text in (None, "none") else context_ids(resident, text, args.new_tokens, "--new-tokens")
-        options = dict(expert_cache=args.expert_cache, storage=args.storage, readers=args.readers,
-                       lookahead=args.lookahead, refine=args.refine, **gpu)
-        EngineConfig.from_options(**options)  # bad options fail here, not after the prefill
         plan_cache(args.expert_cache, resident.config, resident.model.experts.layout.block)
         cache_dir = None if args.context_cache == "none" else args.context_cache
         with Progress(console=err, transient=True) as bar:
@@ -107,7 +116,7 @@ def main(args):
     result = {"model": model, "device": args.device, "context": args.context, "expert_cache": args.expert_cache,
               "storage": args.storage or ("packed" if is_packed(model) else "checkpoint"),
               "new_tokens": args.new_tokens, "repeats": args.repeats, "context_from_cache": loaded,
-              "text": None if forced is None else text,
+              "text": None if forced is None else text, "resident": not args.no_resident,
               "strategies": summarize(runs)}
     if args.json:
         print(json.dumps(result))

@@ -158,7 +158,9 @@ class Bench:
     def __init__(self, model_dir, context, resident, new_tokens, options, forced=None):
         self.model_dir = model_dir
         self.context = context
-        self.resident = resident  # Engine with every expert: the `none` runs and the reference
+        # Engine of the reference run: every expert held (and then the `none` runs), or with
+        # `lowmoe bench --no-resident` a reactive cache (then no `none` runs)
+        self.resident = resident
         self.new_tokens = new_tokens
         self.options = options
         self.forced = forced  # token ids each decode step takes instead of the greedy choice (real text)
@@ -190,7 +192,7 @@ class Bench:
     def _decode(self, engine):
         stats = {}
         if self._output(engine, stats) != self.reference:
-            raise LowmoeError(f"{self.model_dir}: decoded tokens or logits differ from the resident run's "
+            raise LowmoeError(f"{self.model_dir}: decoded tokens or logits differ from the reference run's "
                               "(prediction and caching must never change output): a bug, please report it")
         stats["decode_tok_s"] = stats["decode_tokens"] / stats["decode_s"]
         return stats

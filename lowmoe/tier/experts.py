@@ -187,6 +187,10 @@ class OffloadedExperts:
         self.token = 0  # decode step, set by the engine
         self.reset_stats()
 
+    @property
+    def layout(self):
+        return self.slab.layout
+
     def hint(self, layer, ranked):
         """Starts reads of the most likely experts of `layer` (see hint_width) that are not cached,
         most likely first, into free staging slots. Evicts nothing: the cache changes only when
