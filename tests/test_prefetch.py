@@ -72,3 +72,36 @@ def test_cancel_drops_only_reads_not_yet_started():
     assert np.all(slab.block(2) == 255)  # the cancelled read never wrote its slot
     assert r.bytes_read == 4 * store.layout.block
     r.close()
+
+
+def test_read_timing_adds_up():
+    """Each read's time is counted once: queued, then in the fill; a wait that blocked counts its
+    wake-up after the read finished, a wait on a finished read none."""
+    import threading
+    import time
+
+    from lowmoe.tier.prefetch import ReadScheduler
+
+    gate = threading.Event()
+
+    def fill(key, slot):
+        gate.wait()
+        time.sleep(0.01)
+        return 100
+
+    reader = ReadScheduler(fill, threads=1)
+    try:
+        reqs = [reader.submit((0, e), e) for e in range(3)]
+        time.sleep(0.02)
+        gate.set()
+        reader.wait(reqs[0])  # blocks
+        time.sleep(0.05)
+        reader.wait(reqs[2])  # finished by now
+        t = reader.timing
+        assert t["reads"] == 3 and t["wakes"] == 1
+        # one reader: read 0 is taken at once and waits for the gate (>= 0.02 s) in its fill; read 1
+        # is queued until read 0 is done (>= 0.03 s), read 2 until read 1 is (>= 0.04 s)
+        assert t["fill_s"] >= 0.02 + 3 * 0.01 and t["queue_s"] >= 0.03 + 0.04
+        assert 0 <= t["wake_s"] < 0.05
+    finally:
+        reader.close()

@@ -212,6 +212,12 @@ def schedule(names, repeats):
     return order
 
 
+def _per(stats, total, count):
+    """Median over runs of 1000 * stats[total] / stats[count], or None where nothing was counted."""
+    values = [1e3 * s[total] / s[count] for s in stats if s.get(count)]
+    return statistics.median(values) if values else None
+
+
 def summarize(runs):
     """{strategy: [stats of each run]} -> {strategy: the JSON fields of `lowmoe bench`}."""
     out = {}
@@ -228,6 +234,11 @@ def summarize(runs):
             "cache_hit_rate": stats[0].get("cache_hit_rate", 1.0),
             "bytes_per_token": statistics.median(s.get("bytes_read", 0) / s["decode_tokens"] for s in stats),
             "disk_gb_s": statistics.median(s["disk_gb_s"] for s in stats) if "disk_gb_s" in stats[0] else None,
+            # per read: queued before a reader took it, in the read itself; per blocked wait: the
+            # decode thread's wake-up after the read finished (ms; None without reads)
+            "read_queue_ms": _per(stats, "read_queue_s", "reads"),
+            "read_fill_ms": _per(stats, "read_fill_s", "reads"),
+            "read_wake_ms": _per(stats, "read_wake_s", "read_wakes"),
             "runs": tok_s,
         }
         out[name] = row

@@ -255,6 +255,7 @@ class OffloadedExperts:
         self.layer_stats = {layer: LayerStats() for layer in self.cfg.moe_layers}
         self.uses = {layer: np.zeros(self.cfg.num_experts, np.int64) for layer in self.cfg.moe_layers}
         self.reader.bytes_read = 0
+        self.reader.timing = dict.fromkeys(self.reader.timing, 0)
 
     def forward(self, layer, u, idx, w):
         if self.broken is not None:
@@ -358,8 +359,10 @@ class OffloadedExperts:
         for s in self.layer_stats.values():
             total.add(s)
         # Hint reads finish in the background: the reader's own count covers them all.
+        t = self.reader.timing
         return dict(total.as_dict(), bytes_read=self.reader.bytes_read, max_reads_in_flight=self.reader.max_in_flight,
-                    read_retries=self.reader.retries, per_layer=per_layer)
+                    read_retries=self.reader.retries, reads=t["reads"], read_queue_s=t["queue_s"],
+                    read_fill_s=t["fill_s"], read_wakes=t["wakes"], read_wake_s=t["wake_s"], per_layer=per_layer)
 
     def close(self):
         self.reader.close()

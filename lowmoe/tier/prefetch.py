@@ -37,6 +37,8 @@ class Request:
         self.error = None
         self.nbytes = 0
         self.taken = False  # a reader has started it
+        self.queued_at = time.perf_counter()
+        self.done_at = None  # when its read finished (perf_counter)
 
 
 class ReadScheduler:
@@ -55,6 +57,9 @@ class ReadScheduler:
         self.bytes_read = 0
         self.retries = 0
         self.max_in_flight = 0
+        # Where a read's time goes: queued (submit until a reader takes it), in the fill (the read
+        # syscall, and on the GPU its copy), and the waiter's wake-up after the read finished.
+        self.timing = dict.fromkeys(("reads", "queue_s", "fill_s", "wakes", "wake_s"), 0)
         self.threads = [threading.Thread(target=self._run, daemon=True, name=f"lowmoe-reader-{i}") for i in range(threads)]
         for t in self.threads:
             t.start()
@@ -103,11 +108,17 @@ class ReadScheduler:
         """Blocks until `req` is read; raises StorageError on a failed or timed-out read.
         Returns the seconds spent waiting."""
         t0 = time.perf_counter()
+        blocked = not req.ready.is_set()
         if not req.ready.wait(self.timeout_s):
             raise StorageError(f"read of expert {req.key} (layer, expert) did not finish within {self.timeout_s:g} s")
+        t1 = time.perf_counter()
+        if blocked:
+            with self.lock:
+                self.timing["wakes"] += 1
+                self.timing["wake_s"] += t1 - req.done_at
         if req.error is not None:
             raise req.error
-        return time.perf_counter() - t0
+        return t1 - t0
 
     @property
     def in_flight(self):
@@ -125,10 +136,15 @@ class ReadScheduler:
                     continue
                 req.taken = True
             _local.request = req
+            t0 = time.perf_counter()
             self._read(req)
+            req.done_at = time.perf_counter()
             with self.lock:
                 del self.pending[req.key]
                 self.bytes_read += req.nbytes
+                self.timing["reads"] += 1
+                self.timing["queue_s"] += t0 - req.queued_at
+                self.timing["fill_s"] += req.done_at - t0
             req.ready.set()
 
     def _read(self, req):
