@@ -8,7 +8,8 @@ at it once the read has landed (`reading()`; the GPU tier then copies it on its 
 Each request has a ready signal. A failed read is retried once; then its error surfaces at the
 waiter. Waits have a timeout, so a stuck read is an error, never a hang. The
 readers spend their time in `os.preadv`, which releases the GIL, so reads overlap the Numba
-kernels (also GIL-free) that compute the experts already present.
+kernels (also GIL-free) that compute the experts already present. `timing` counts where the reads'
+time goes: queued, in the fill, and the waiter's wake-up once a read it blocked on has landed.
 """
 
 import heapq
