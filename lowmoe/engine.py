@@ -142,9 +142,10 @@ class Engine:
     def __exit__(self, *exc):
         self.close()
 
-    def _kv_cache(self, capacity):
+    def kv_cache(self, capacity):
+        """An empty KVCache of `capacity` positions on the engine's device, in its KV dtype."""
         self._check_context(capacity)
-        return KVCache(self.config, capacity, self.model.ops)
+        return KVCache(self.config, capacity, self.model.ops, self.options.kv_dtype)
 
     def _check_context(self, length):
         """With a VRAM budget the plan holds a KV cache of max_context positions: refuse more."""
@@ -179,7 +180,7 @@ class Engine:
         """Full-sequence logits f32[T, vocab] for the given ids, from an empty context, computed
         vram.PREFILL_CHUNK tokens at a time (as prefill)."""
         ids = self._check_ids(token_ids)
-        kv = self._kv_cache(len(ids))
+        kv = self.kv_cache(len(ids))
         step = vram.PREFILL_CHUNK
         return np.concatenate([self.model.forward(ids[i : i + step], kv, all_logits=True) for i in range(0, len(ids), step)])
 
@@ -189,7 +190,7 @@ class Engine:
         workspace holds; the same result: each position sees exactly the positions before it),
         calling progress(done, total) after each chunk."""
         ids = self._check_ids(token_ids)
-        kv = self._kv_cache(len(ids) + room)
+        kv = self.kv_cache(len(ids) + room)
         step = chunk or vram.PREFILL_CHUNK
         for i in range(0, len(ids), step):
             logits = self.model.forward(ids[i : i + step], kv)

@@ -22,22 +22,26 @@ from .predict.first_layer import TokenTable
 
 class KVCache:
     """A sequence's state in the arrays of the backend `ops`: for each attention layer its keys and
-    values k[layer], v[layer] f32[KV, capacity, hd] and the RoPE tables cos, sin f32[capacity, rot/2]
+    values k[layer], v[layer] [KV, capacity, hd] of `dtype` ("f16", "bf16": their bits as uint16, or
+    "f32"; the step's f32 keys and values rounded once, by ops.kv_store, and converted back to f32 as
+    attention reads them) and the RoPE tables cos, sin f32[capacity, rot/2]
     of every position they can hold; for each linear-attention (Gated DeltaNet) layer its conv window
     conv[layer] f32[K - 1, C] (the last K - 1 inputs of the causal conv) and its recurrent state
     ssm[layer] f32[Hv, dk, dv] (None in the other kind's slots). The KV part grows to exactly what
     `reserve` asks for, never more (the VRAM plan counts max_context positions): the engine reserves
     a whole sequence before decoding it, so decode never copies."""
 
-    def __init__(self, cfg, capacity=256, ops=cpu):
+    def __init__(self, cfg, capacity=256, ops=cpu, dtype="f16"):
         self.cfg = cfg
         self.ops = ops
         self.xp = ops.xp
+        self.dtype = dtype
         self.length = 0
         shape = (cfg.num_kv_heads, capacity, cfg.head_dim)
         attention = [m == "attention" for m in cfg.layer_mixers]
-        self.k = [self.xp.zeros(shape, np.float32) if a else None for a in attention]
-        self.v = [self.xp.zeros(shape, np.float32) if a else None for a in attention]
+        store = kv_storage(dtype)
+        self.k = [self.xp.zeros(shape, store) if a else None for a in attention]
+        self.v = [self.xp.zeros(shape, store) if a else None for a in attention]
         self.conv, self.ssm = [None] * cfg.num_layers, [None] * cfg.num_layers
         if cfg.linear_shape:
             Hk, Hv, dk, dv, K = cfg.linear_shape
@@ -58,7 +62,7 @@ class KVCache:
         for cache in (self.k, self.v):
             for i, old in enumerate(cache):
                 if old is not None:
-                    new = self.xp.zeros((old.shape[0], length, old.shape[2]), np.float32)
+                    new = self.xp.zeros((old.shape[0], length, old.shape[2]), old.dtype)
                     new[:, : self.length] = old[:, : self.length]
                     cache[i] = new
         self._tables(length)
@@ -75,6 +79,11 @@ class KVCache:
         for i, (c, s) in zip(linear, saved):
             self.conv[i][...] = c
             self.ssm[i][...] = s
+
+
+def kv_storage(dtype):
+    """The element type of a KV cache of `dtype` ("f32", "f16", "bf16"; the half types as bits)."""
+    return np.float32 if dtype == "f32" else np.uint16
 
 
 def rope_tables(cfg, positions):
@@ -168,10 +177,9 @@ class Model:
         start = kv.length
         for x in (q, k):  # RoPE on the first 2 * cos.shape[1] dims of each head (Qwen3.5: a quarter)
             ops.rope(x, kv.cos, kv.sin, start)
-        kv.k[i][:, start : start + T] = k.transpose(1, 0, 2)
-        kv.v[i][:, start : start + T] = v.reshape(T, KV, hd).transpose(1, 0, 2)
+        ops.kv_store(k, v.reshape(T, KV, hd), kv.k[i], kv.v[i], start, kv.dtype)
         out = ops.buffer((T, H, hd))
-        ops.attention(q, kv.k[i], kv.v[i], start, out)
+        ops.attention(q, kv.k[i], kv.v[i], start, out, kv.dtype)
         out = out.reshape(T, H * hd)
         if cfg.attn_gate:
             out = out / (np.float32(1.0) + ops.xp.exp(-gate))  # * sigmoid(gate)

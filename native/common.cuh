@@ -30,6 +30,25 @@ __device__ __forceinline__ float to_f32(Half w) {
 }
 __device__ __forceinline__ float to_f32(BFloat w) { return __uint_as_float((unsigned)w.bits << 16); }
 
+// f32 -> an element type, rounded to nearest even (as torch's .to(); bf16 NaN -> 0x7fc0, torch's).
+// The second argument only picks the type.
+__device__ __forceinline__ float from_f32(float x, float) { return x; }
+__device__ __forceinline__ Half from_f32(float x, Half) {
+    Half h;
+#ifndef LOWMOE_CUDA_HOST
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h.bits) : "f"(x));
+#else
+    h.bits = host_f32_to_half(x);
+#endif
+    return h;
+}
+__device__ __forceinline__ BFloat from_f32(float x, BFloat) {
+    const unsigned u = __float_as_uint(x);
+    BFloat b;
+    b.bits = x != x ? 0x7fc0 : (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+    return b;
+}
+
 // How a row of weights of element type W is read: Weights<W>::units(n) array elements hold a row of
 // n weights; load(row, e0, n, vec, w) gives the VN weights e0, e0 + 1, ... as f32, by one 16-byte load
 // when vec(row, n) (4 f32 or 8 f16/bf16), element by element otherwise (odd shapes: past n, 0).

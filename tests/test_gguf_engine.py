@@ -137,11 +137,11 @@ def test_a_quantized_file_decodes_as_transformers_on_its_dequantized_weights(che
     with torch.no_grad():
         want = hf(torch.tensor([PROMPT])).logits[0].numpy()
         greedy = hf.generate(torch.tensor([PROMPT]), max_new_tokens=32, do_sample=False)[0, len(PROMPT):].tolist()
-    with lowmoe.Engine.from_pretrained(path) as e:
+    with lowmoe.Engine.from_pretrained(path, kv_dtype="f32") as e:  # transformers' float32 keys and values
         logits, tokens = _run(e)
     assert np.abs(logits - want).max() <= 1e-4 * np.abs(want).max()
     assert tokens == greedy
-    with lowmoe.Engine.from_pretrained(path, expert_cache="25%", predictor="nextgate") as e:
+    with lowmoe.Engine.from_pretrained(path, expert_cache="25%", predictor="nextgate", kv_dtype="f32") as e:
         cached_logits, cached = _run(e)
     assert cached == tokens and np.array_equal(cached_logits, logits)
 

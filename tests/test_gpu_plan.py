@@ -22,7 +22,7 @@ from lowmoe.load.weights import load_dense
 # The bundled model: 8 layers (all MoE) x 16 experts, top-4, D 256, I 96, 4 heads / 2 KV of 64,
 # vocabulary 4096, bf16, tied embeddings.
 SLOT = 3 * 96 * 256 * 2  # gate, up [96, 256], down [256, 96] bf16
-KV_8K = 2 * 8 * (2 * 8192 * 64 * 4) + 2 * 8192 * 32 * 4  # k and v per layer, RoPE cos and sin
+KV_8K = 2 * 8 * (2 * 8192 * 64 * 2) + 2 * 8192 * 32 * 4  # f16 k and v per layer, RoPE f32 cos and sin
 # 256 MiB + 4 bytes x (512 tokens x (4 D + (3 H + 2 KV) hd + E + k (I + D) + 2 k) + V)
 WORK = 256 * 2**20 + 4 * (512 * (4 * 256 + (3 * 4 + 2 * 2) * 64 + 16 + 4 * (96 + 256) + 2 * 4) + 4096)
 
@@ -58,12 +58,16 @@ def test_vram_plan_gives_the_rest_to_expert_slots(bundled):
     cfg, dense = bundled
     d = device_bytes(dense)
     fixed = d + KV_8K + WORK
-    plan = plan_vram(str(fixed + 54 * SLOT + 100), cfg, d, SLOT, 8192, 4)
+    plan = plan_vram(str(fixed + 54 * SLOT + 100), cfg, d, SLOT, 8192, 4, "f16")
     assert (plan.dense, plan.kv, plan.workspace) == (d, KV_8K, WORK)
+    more = 2 * 8 * (2 * 8192 * 64 * 2)  # an f32 cache: 2 more bytes an element
+    f32 = plan_vram(str(fixed + more + 54 * SLOT + 100), cfg, d, SLOT, 8192, 4, "f32")
+    assert (f32.kv, f32.cache.slots) == (KV_8K + more, 50)
     assert (plan.cache.slots, plan.cache.staging, plan.cache.slot_bytes) == (50, 4, SLOT)
     assert plan.describe()["vram_unplanned_bytes"] == 100
-    assert plan_vram("1GiB", cfg, d, SLOT, 8192, 8).cache.slots == 128  # never more slots than experts
-    small = plan_vram(str(fixed - KV_8K + 2 * (2 * 8 * 2 * 100 * 64 * 4 + 2 * 100 * 32 * 4) + 20 * SLOT), cfg, d, SLOT, 200, 4)
+    assert plan_vram("1GiB", cfg, d, SLOT, 8192, 8, "f16").cache.slots == 128  # never more slots than experts
+    kv_200 = 2 * 8 * (2 * 200 * 64 * 2) + 2 * 200 * 32 * 4
+    small = plan_vram(str(fixed - KV_8K + kv_200 + 20 * SLOT), cfg, d, SLOT, 200, 4, "f16")
     assert small.cache.slots == 16  # a shorter context leaves more for slots
 
 
@@ -72,11 +76,11 @@ def test_too_small_a_vram_budget_names_the_minimum(bundled):
     d = device_bytes(dense)
     minimum = d + KV_8K + WORK + (4 + 8) * SLOT
     with pytest.raises(lowmoe.InputError, match=rf"minimum is .* \({minimum} bytes: dense weights") as e:
-        plan_vram(str(minimum - 1), cfg, d, SLOT, 8192, 8)
+        plan_vram(str(minimum - 1), cfg, d, SLOT, 8192, 8, "f16")
     assert "\n" not in str(e.value) and "KV cache for 8192 tokens" in str(e.value)
-    assert plan_vram(str(minimum), cfg, d, SLOT, 8192, 8).cache.slots == 4
+    assert plan_vram(str(minimum), cfg, d, SLOT, 8192, 8, "f16").cache.slots == 4
     with pytest.raises(lowmoe.InputError, match="VRAM budget '12 apples'"):
-        plan_vram("12 apples", cfg, d, SLOT, 8192, 8)
+        plan_vram("12 apples", cfg, d, SLOT, 8192, 8, "f16")
 
 
 def test_info_prints_the_vram_plan(capsys):
@@ -90,7 +94,7 @@ def test_info_prints_the_vram_plan(capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["vram_kv_context_tokens"] == 8000 and info["vram_staging_slots"] == 8
     kv = KV_8K // 8192 * 8000  # KV bytes are linear in the context
-    assert info["vram_expert_slots"] == (budget - d - kv - WORK) // SLOT - 8 == 43
+    assert info["vram_expert_slots"] == (budget - d - kv - WORK) // SLOT - 8 == 37
     assert cli(["info", "--vram-budget", "1MB"]) == 2
     err = capsys.readouterr().err
     assert "minimum is" in err and err.count("\n") == 1

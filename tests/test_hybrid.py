@@ -88,9 +88,11 @@ def test_info_shows_the_linear_layers_and_the_state(hybrid, capsys):
     assert cli(["info", hybrid, "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["linear_attention_layers"] == [0, 2]  # full_attention_interval 2
-    assert info["kv_bytes_per_token"] == 2 * 2 * 2 * 32 * 4  # 2 attention layers, k and v, 2 KV heads of 32
+    assert info["kv_bytes_per_token"] == 2 * 2 * 2 * 32 * 2  # 2 attention layers, k and v, 2 KV heads of 32, f16
     # per linear layer: the conv window of 3 inputs of 2*2*16 + 4*8 channels, the state [4, 16, 8]; f32
     assert info["state_bytes"] == 2 * (3 * 96 + 4 * 16 * 8) * 4
+    assert cli(["info", hybrid, "--json", "--kv-dtype", "f32"]) == 0
+    assert json.loads(capsys.readouterr().out)["kv_bytes_per_token"] == 2 * 2 * 2 * 32 * 4
 
 
 def test_fused_experts_decode_as_per_expert_ones(hybrid, tmp_path):

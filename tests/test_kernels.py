@@ -160,7 +160,7 @@ def test_attention(T, start, H, KV, hd, S, qscale):
     k[:, start + T :] = np.nan
     v[:, start + T :] = np.nan
     out = nans(T, H, hd)
-    cpu.attention(q, k, v, start, out)
+    cpu.attention(q, k, v, start, out, "f32")
     assert_close(out, attention_ref(q, k, v, start))
 
 
@@ -170,15 +170,65 @@ def test_attention_is_causal_and_gqa_grouped():
     g = rng(4)
     q, k, v = randn(g, 3, 4, 8), randn(g, 2, 5, 8), randn(g, 2, 5, 8)
     base, out = nans(3, 4, 8), nans(3, 4, 8)
-    cpu.attention(q, k, v, 2, base)
+    cpu.attention(q, k, v, 2, base, "f32")
     v2 = v.copy()
     v2[:, 4] += 1.0
-    cpu.attention(q, k, v2, 2, out)
+    cpu.attention(q, k, v2, 2, out, "f32")
     assert np.array_equal(out[:2], base[:2]) and not np.allclose(out[2], base[2])
     v3 = v.copy()
     v3[1] += 1.0
-    cpu.attention(q, k, v3, 2, out)
+    cpu.attention(q, k, v3, 2, out, "f32")
     assert np.array_equal(out[:, :2], base[:, :2]) and not np.allclose(out[:, 2:], base[:, 2:])
+
+
+def half_bits(x, dtype):
+    """f32 values -> the bits a KV cache of `dtype` holds (uint16), rounded to nearest even."""
+    return x.astype(np.float16).view(np.uint16) if dtype == "f16" else to_bf16_bits(x)
+
+
+def half_values(bits, dtype):
+    return bits.view(np.float16).astype(np.float32) if dtype == "f16" else bf16_bits_to_f32(bits)
+
+
+@pytest.mark.parametrize("dtype", ["f16", "bf16"])
+@pytest.mark.parametrize("T,start,H,KV,hd", [(1, 300, 8, 2, 64), (6, 10, 4, 4, 16), (3, 0, 6, 3, 128)])
+def test_attention_reads_half_caches(dtype, T, start, H, KV, hd):
+    # The same result as attention in float64 over the values the half cache holds.
+    g = rng(5, T, start, H, KV, hd, dtype == "f16")
+    L = start + T
+    q = randn(g, T, H, hd)
+    k = np.full((KV, L + 7, hd), 0x7E00 if dtype == "f16" else 0x7FC0, np.uint16)  # NaN past the end
+    v = k.copy()
+    k[:, :L] = half_bits(randn(g, KV, L, hd), dtype)
+    v[:, :L] = half_bits(randn(g, KV, L, hd), dtype)
+    out = nans(T, H, hd)
+    cpu.attention(q, k, v, start, out, dtype)
+    assert_close(out, attention_ref(q, half_values(k, dtype), half_values(v, dtype), start))
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f16", "bf16"])
+def test_kv_store_rounds_as_torch(dtype):
+    # Positions start..start+T-1 get the step's keys and values, rounded to nearest even as torch's
+    # .to(float16 / bfloat16) rounds (ties, subnormals, overflow, inf, NaN); nothing else changes.
+    torch = pytest.importorskip("torch")
+    g = rng(6)
+    T, KV, hd, cap, start = 5, 3, 16, 12, 4
+    k, v = randn(g, T, KV, hd, scale=3.0), randn(g, T, KV, hd)
+    k.reshape(-1)[:8] = [np.nan, np.inf, -np.inf, 1e-6, -3e-8, 65520.0, 1 + 2.0**-11, 1 + 3 * 2.0**-8]
+    v.reshape(-1)[:3] = [3.4e38, -0.0, 1 + 2.0**-8]  # f32 max rounds to inf in bf16
+    torch_dtype = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    store = np.float32 if dtype == "f32" else np.uint16
+    kc, vc = np.full((KV, cap, hd), 7, store), np.full((KV, cap, hd), 9, store)
+    cpu.kv_store(k, v, kc, vc, start, dtype)
+    for cache, x, fill in ((kc, k, 7), (vc, v, 9)):
+        ref = torch.from_numpy(np.ascontiguousarray(x.transpose(1, 0, 2))).to(torch_dtype)
+        ref = ref.numpy() if dtype == "f32" else ref.view(torch.int16).numpy().view(np.uint16)
+        got = cache[:, start : start + T]
+        as_f32 = got if dtype == "f32" else half_values(got, dtype)
+        nan = np.isnan(as_f32)
+        assert np.array_equal(nan, np.isnan(x.transpose(1, 0, 2)))
+        assert np.array_equal(got[~nan].view(store), ref[~nan].view(store))
+        assert (cache[:, :start] == fill).all() and (cache[:, start + T :] == fill).all()
 
 
 # -------------------------------------------------------------- router_topk

@@ -18,7 +18,7 @@ import pytest
 import lowmoe
 from lowmoe.backend import cuda
 from lowmoe.cli.__main__ import main as cli_main
-from lowmoe.load.config import EngineConfig
+from lowmoe.load.config import KV_DTYPES, EngineConfig
 
 from host_cupy import numpy_cupy
 
@@ -247,8 +247,8 @@ def test_every_launch_matches_its_kernel_signature(monkeypatch, request):
     monkeypatch.setattr(cuda, "_functions", {})
     monkeypatch.setattr(cuda, "POISON", True)
     paths, every_dtype = _models(request)
-    for path in paths:
-        with lowmoe.Engine.from_pretrained(path, device="cuda") as engine:
+    for i, path in enumerate(paths):  # the KV cache in each dtype in turn
+        with lowmoe.Engine.from_pretrained(path, device="cuda", kv_dtype=KV_DTYPES[i % len(KV_DTYPES)]) as engine:
             assert len(engine.generate([3, 4, 5, 6], 3, stop_at_eos=False).tokens) == 3
             engine.logits([7])
     never = {fn for fns in cuda.KERNELS.values() for fn in fns} - set(launches.count)

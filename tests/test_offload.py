@@ -54,6 +54,17 @@ def test_bundled_model_identical_for_every_budget_and_storage(budget, storage, b
         assert stats["misses"] > 0 and stats["bytes_read"] > 0
 
 
+@pytest.mark.parametrize("kv_dtype", ["f16", "bf16", "f32"])
+def test_output_is_the_same_for_every_budget_and_predictor_at_each_kv_dtype(kv_dtype):
+    with lowmoe.Engine.from_pretrained(kv_dtype=kv_dtype) as e:
+        ref_tokens, ref_logits, _ = _run(e, PROMPT)
+    for options in (dict(expert_cache="min", predictor="none"), dict(expert_cache="25%", predictor="nextgate"),
+                    dict(expert_cache="min", predictor="history")):
+        with lowmoe.Engine.from_pretrained(kv_dtype=kv_dtype, **options) as e:
+            tokens, logits, _ = _run(e, PROMPT)
+        assert tokens == ref_tokens and np.array_equal(logits, ref_logits), options
+
+
 @pytest.mark.parametrize("name", ["mixtral_f32", "mixtral_bf16_sharded", "qwen2_moe_f32", "qwen2_moe_bf16",
                                   "qwen3_moe_f32", "qwen3_moe_f16_sharded", "olmoe_f32", "olmoe_bf16",
                                   "qwen3_5_moe_f32", "qwen3_5_moe_bf16"])
@@ -198,8 +209,13 @@ def test_environment_maps_onto_engine_config():
     assert EngineConfig.from_options(env=env, expert_cache="min", readers=1).expert_cache == "min"  # option wins
     with pytest.raises(lowmoe.InputError, match="GPU expert path"):
         EngineConfig.from_options(env={"SHARPI_CPU_MOE": "0"})
-    for var, bad in (("SHARPI_CPU_MOE", "yes"), ("SHARPI_READERS", "two"), ("SHARPI_STORAGE", "tape")):
-        with pytest.raises(lowmoe.InputError, match=var if var != "SHARPI_STORAGE" else "storage"):
+    assert EngineConfig.from_options(env={}).kv_dtype == "f16"
+    assert EngineConfig.from_options(env={"SHARPI_KV_DTYPE": "bf16"}).kv_dtype == "bf16"
+    assert EngineConfig.from_options(env={"SHARPI_KV_DTYPE": "bf16"}, kv_dtype="f32").kv_dtype == "f32"
+    for var, bad in (("SHARPI_CPU_MOE", "yes"), ("SHARPI_READERS", "two"), ("SHARPI_STORAGE", "tape"),
+                     ("SHARPI_KV_DTYPE", "f8")):
+        with pytest.raises(lowmoe.InputError, match=var if var not in ("SHARPI_STORAGE", "SHARPI_KV_DTYPE") else
+                           {"SHARPI_STORAGE": "storage", "SHARPI_KV_DTYPE": "KV cache dtype 'f8'"}[var]):
             EngineConfig.from_options(env={var: bad})
 
 

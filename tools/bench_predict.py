@@ -16,7 +16,6 @@ import os
 import numpy as np
 
 import lowmoe
-from lowmoe.model import KVCache
 from lowmoe.predict.learned import FILENAME, Learned
 from train_default_model import token_stream  # beside this tool
 
@@ -28,7 +27,7 @@ def per_layer_recall(predictor, ids, learned_file):
     with lowmoe.Engine.from_pretrained(expert_cache="100%", predictor="none" if predictor == "learned" else predictor) as e:
         if predictor == "learned":
             e.model.predictor = Learned(e.config, learned_file)
-        kv = KVCache(e.config, len(ids))
+        kv = e.kv_cache(len(ids))
         e.model.experts.reset_stats()
         for t in ids:
             e.model.forward(np.array([t], np.int64), kv)

@@ -56,7 +56,7 @@ def card_share(budget="12GiB", context=8192):
     layer = sum(r * c * 2 + 4 * r for r, c in rows) + 4 * (2 * D + 2 * hd)
     dense = 2 * (V * D * 2 + 4 * V) + 4 * D + L * layer
     slot = 3 * cfg.expert_intermediate * D * 2
-    return plan_vram(budget, cfg, dense, slot, context, cfg.top_k).cache.fraction
+    return plan_vram(budget, cfg, dense, slot, context, cfg.top_k, "f16").cache.fraction
 
 
 def _write_safetensors(path, tensors):

@@ -7,7 +7,7 @@ import types
 
 import numpy as np
 
-from kernel_inputs import conv_ref, delta_inputs, delta_rule_ref, err, randn, silu, weights
+from kernel_inputs import conv_ref, delta_inputs, delta_rule_ref, err, randn, rounded, silu, weights
 
 TOL = 1e-4  # max abs error / max |reference|: weights are exact in both, so only f32 sums differ
 
@@ -95,24 +95,42 @@ def check_rope(cuda, cp, g, T, H, hd, start, rot=None):
     return err(cp.asnumpy(d), ref)
 
 
-def check_attention(cuda, cp, g, T, H, KV, hd, start):
+def check_attention(cuda, cp, g, dtype, T, H, KV, hd, start):
+    # A KV cache of `dtype` (f32 or f16 / bf16 bits) against float64 over the values it holds.
     cap = start + T + 5
     q = randn(g, T, H, hd)
-    k = np.full((KV, cap, hd), np.nan, np.float32)  # rows past the context must never be read
-    v = k.copy()
-    k[:, : start + T] = randn(g, KV, start + T, hd)
-    v[:, : start + T] = randn(g, KV, start + T, hd)
+    k, k64 = rounded(g.standard_normal((KV, cap, hd)), dtype)
+    v, v64 = rounded(g.standard_normal((KV, cap, hd)), dtype)
+    nan = {"f32": np.nan, "f16": 0x7E00, "bf16": 0x7FC0}[dtype]  # rows past the context must never be read
+    k[:, start + T :], v[:, start + T :] = nan, nan
     out = cp.full((T, H, hd), np.nan, np.float32)
-    cuda.attention(cp.asarray(q), cp.asarray(k), cp.asarray(v), start, out)
+    cuda.attention(cp.asarray(q), cp.asarray(k), cp.asarray(v), start, out, dtype)
     ref = np.empty((T, H, hd))
     for t in range(T):
         L = start + t + 1
         for h in range(H):
             kv = h // (H // KV)
-            s = k[kv, :L].astype(np.float64) @ q[t, h] / np.sqrt(hd)
+            s = k64[kv, :L] @ q[t, h] / np.sqrt(hd)
             p = np.exp(s - s.max())
-            ref[t, h] = (p / p.sum()) @ v[kv, :L]
+            ref[t, h] = (p / p.sum()) @ v64[kv, :L]
     return err(cp.asnumpy(out), ref)
+
+
+def check_kv_store(cuda, cp, g, dtype, T, KV, hd, start):
+    # Exact: the stored elements are the step's keys and values rounded to nearest even, and the
+    # positions around them keep their fill.
+    cap = start + T + 3
+    k, v = randn(g, T, KV, hd, scale=3.0), randn(g, T, KV, hd)
+    fill = np.float32(7) if dtype == "f32" else np.uint16(7)
+    kc, vc = cp.full((KV, cap, hd), fill), cp.full((KV, cap, hd), fill)
+    cuda.kv_store(cp.asarray(k), cp.asarray(v), kc, vc, start, dtype)
+    worst = 0.0
+    for cache, x in ((cp.asnumpy(kc), k), (cp.asnumpy(vc), v)):
+        bits, _ = rounded(x.transpose(1, 0, 2), dtype)
+        around = np.delete(cache, np.s_[start : start + T], axis=1)
+        if not (np.array_equal(cache[:, start : start + T], bits) and (around == fill).all()):
+            worst = float("inf")
+    return worst
 
 
 def check_router(cuda, cp, g, T, E, k, renorm, ties):
@@ -177,8 +195,10 @@ KERNEL_CASES = {
                                       (9, 1, 3, 8, 40, True), (33, 4, 8, 32, 32, False)]),
     "rope": (check_rope, [(1, 4, 6, 0), (3, 2, 10, 5), (17, 3, 128, 100), (1, 32, 128, 8191), (1, 16, 256, 8191, 64),
                           (5, 3, 32, 7, 8)]),
-    "attention": (check_attention, [(1, 4, 2, 64, 0), (1, 32, 8, 128, 8191), (1, 6, 3, 24, 1000), (7, 4, 2, 32, 0),
-                                    (33, 4, 4, 16, 50), (5, 2, 1, 256, 3), (1, 4, 1, 6, 300), (64, 8, 2, 128, 0)]),
+    "attention": (check_attention, [(d, *s) for d in DT for s in [
+        (1, 4, 2, 64, 0), (1, 32, 8, 128, 8191), (1, 6, 3, 24, 1000), (7, 4, 2, 32, 0), (33, 4, 4, 16, 50),
+        (5, 2, 1, 256, 3), (1, 4, 1, 6, 300), (64, 8, 2, 128, 0)]]),
+    "kv_store": (check_kv_store, [(d, *s) for d in DT for s in [(1, 8, 128, 8191), (7, 3, 24, 5), (64, 2, 256, 0)]]),
     "router_topk": (check_router, [(1, 16, 4, True, False), (5, 8, 2, False, False), (3, 128, 8, True, False),
                                    (2, 60, 6, False, False), (4, 16, 4, True, True), (1, 33, 33, True, False)]),
     "expert_ffn decode": (check_experts, [(d, *s) for d in DT for s in [(16, 96, 256, 4, 1), (8, 48, 64, 2, 1),

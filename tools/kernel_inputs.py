@@ -46,14 +46,20 @@ def weights(g, shape, dtype, scale):
         return raw.reshape(*lead, -1), quant.dequantize(raw, dtype, (R, C)).astype(np.float64).reshape(shape)
     w = g.standard_normal(shape) * scale
     w[w == 0] = scale
+    return rounded(w, dtype)
+
+
+def rounded(x, dtype):
+    """Values x -> (x in `dtype` as the kernels take it: f32, or f16 / bf16 bits as uint16, rounded to
+    nearest even; the exact float64 value of each element)."""
     if dtype == "f32":
-        w = w.astype(np.float32)
-        return w, w.astype(np.float64)
+        x = x.astype(np.float32)
+        return x, x.astype(np.float64)
     if dtype == "f16":
-        bits = w.astype(np.float16).view(np.uint16)
+        bits = x.astype(np.float16).view(np.uint16)
         return bits, bits.view(np.float16).astype(np.float64)
-    u = w.astype(np.float32).view(np.uint32).astype(np.uint64)
-    bits = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)  # round to nearest even
+    u = x.astype(np.float32).view(np.uint32).astype(np.uint64)
+    bits = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
     return bits, (bits.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
 
 

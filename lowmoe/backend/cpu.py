@@ -1,12 +1,12 @@
 """The CPU backend: NumPy arrays and Numba kernels for decode and prefill.
 
 The operations the decoder loop (model.py) calls, with the same signatures as backend/cuda.py:
-buffer, to_device, to_host, embed, linear, rms_norm, rope, attention, router_topk, expert_ffn, and
-`xp`, the array module holding the arrays. All activations are float32 C-contiguous arrays; every kernel accumulates in
-float32. Weights may be float32, or float16 / bfloat16 data viewed as uint16
-(Numba's CPU target has no half type) and are converted element by element in
-the inner loops, so no f32 copy of a weight matrix is ever made; or the block bytes of a GGUF
-format ("q8_0" ... "q6_k"), which backend/quant.py decodes row by row.
+buffer, to_device, to_host, embed, linear, rms_norm, rope, kv_store, attention, router_topk, expert_ffn,
+the Gated DeltaNet ops, and `xp`, the array module holding the arrays. All activations are float32
+C-contiguous arrays; every kernel accumulates in float32. Weights, and the KV cache, may be float32,
+or float16 / bfloat16 data viewed as uint16 (Numba's CPU target has no half type) and are converted
+element by element in the inner loops, so no f32 copy of a weight matrix is ever made; or the block
+bytes of a GGUF format ("q8_0" ... "q6_k"), which backend/quant.py decodes row by row.
 
 Kernels are nogil (I/O threads can run while one thread computes) and cached on
 disk (a new process does not recompile). Parallel kernels use Numba's threading
@@ -39,6 +39,31 @@ def to_device(a):
 
 def to_host(a):
     return a
+
+
+@intrinsic
+def _from_f32(typingctx, x, like):
+    # float32 -> one element of `like`'s type (only its type is used), rounded to nearest even as
+    # torch's .to() rounds: float32 as is; uint16 IEEE half bits (LLVM fptrunc: vcvtps2ph with F16C);
+    # int16 bfloat16 bits, NaN as torch's 0x7fc0. For the KV cache (kv_store).
+    i16, i32 = ir.IntType(16), ir.IntType(32)
+
+    def f32(context, builder, signature, args):
+        return args[0]
+
+    def f16(context, builder, signature, args):
+        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), i16)
+
+    def bf16(context, builder, signature, args):
+        bits = builder.bitcast(args[0], i32)
+        lsb = builder.and_(builder.lshr(bits, ir.Constant(i32, 16)), ir.Constant(i32, 1))
+        rounded = builder.lshr(builder.add(builder.add(bits, ir.Constant(i32, 0x7FFF)), lsb), ir.Constant(i32, 16))
+        nan = builder.fcmp_unordered("uno", args[0], args[0])
+        return builder.trunc(builder.select(nan, ir.Constant(i32, 0x7FC0), rounded), i16)
+
+    codegen = {types.float32: f32, types.uint16: f16, types.int16: bf16}.get(like)
+    if codegen is not None and x == types.float32:
+        return like(x, like), codegen
 
 
 @intrinsic
@@ -161,13 +186,9 @@ def _softmax_inplace(z):
 
 
 @numba.njit(parallel=True, fastmath=_FAST, **_JIT)
-def attention(q, k_cache, v_cache, start, out):
-    """Causal GQA attention over a KV cache.
-    q f32[T, H, hd]: query t sits at position start + t and sees positions
-    0..start+t. k_cache, v_cache f32[KV, S_max, hd], already filled up to
-    start + T - 1. Query head h reads kv head h // (H // KV). Writes out f32[T, H, hd].
-    One task per (token, kv head) handles that kv head's whole query group, so
-    each cached key/value row is read once per group rather than once per head."""
+def _attention(q, k_cache, v_cache, start, out):
+    # One task per (token, kv head) handles that kv head's whole query group, so each cached
+    # key/value row is read once per group rather than once per head.
     T, H, hd = q.shape
     KV = k_cache.shape[0]
     G = H // KV
@@ -185,7 +206,7 @@ def attention(q, k_cache, v_cache, start, out):
             for r in range(G):
                 acc = np.float32(0.0)
                 for d in range(hd):
-                    acc += q[t, g * G + r, d] * k_cache[g, j, d]
+                    acc += q[t, g * G + r, d] * _to_f32(k_cache[g, j, d])
                 s[r, j] = acc * scale
         for r in range(G):
             _softmax_inplace(s[r])
@@ -195,7 +216,31 @@ def attention(q, k_cache, v_cache, start, out):
             for r in range(G):
                 p = s[r, j]
                 for d in range(hd):
-                    out[t, g * G + r, d] += p * v_cache[g, j, d]
+                    out[t, g * G + r, d] += p * _to_f32(v_cache[g, j, d])
+
+
+def attention(q, k_cache, v_cache, start, out, dtype):
+    """Causal GQA attention over a KV cache. q f32[T, H, hd]: query t sits at position start + t and
+    sees positions 0..start+t. k_cache, v_cache [KV, S_max, hd] of `dtype` ("f32", or "f16" / "bf16"
+    bits as uint16, converted as they are read), already filled up to start + T - 1. Query head h
+    reads kv head h // (H // KV). Writes out f32[T, H, hd]."""
+    _attention(q, _kernel_view(k_cache, dtype), _kernel_view(v_cache, dtype), start, out)
+
+
+@numba.njit(**_JIT)
+def _kv_store(k, v, k_cache, v_cache, start):
+    T, KV, hd = k.shape
+    for g in range(KV):
+        for t in range(T):
+            for d in range(hd):
+                k_cache[g, start + t, d] = _from_f32(k[t, g, d], k_cache[0, 0, 0])
+                v_cache[g, start + t, d] = _from_f32(v[t, g, d], v_cache[0, 0, 0])
+
+
+def kv_store(k, v, k_cache, v_cache, start, dtype):
+    """This step's keys and values k, v f32[T, KV, hd] -> the caches [KV, S_max, hd] of `dtype` at
+    positions start..start+T-1, rounded to nearest even (as torch's .to(torch.float16 / bfloat16))."""
+    _kv_store(k, v, _kernel_view(k_cache, dtype), _kernel_view(v_cache, dtype), start)
 
 
 @numba.njit(**_JIT)

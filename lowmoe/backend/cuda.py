@@ -1,6 +1,6 @@
 """The GPU backend: CuPy arrays and the kernels of the CUDA sources in native/, with the operations of
 backend/cpu.py and their signatures (buffer, to_device, to_host, embed, linear, rms_norm, rope,
-attention, router_topk, expert_ffn, the Gated DeltaNet ops causal_conv, l2_norm, delta_gates,
+kv_store, attention, router_topk, expert_ffn, the Gated DeltaNet ops causal_conv, l2_norm, delta_gates,
 gated_delta_rule and gated_rms_norm, and `xp`, here CuPy), plus the stacked-expert kernels the GPU
 expert tier launches (expert_rows, expert_combine).
 
@@ -37,7 +37,8 @@ KERNELS = {
     "linear.cu": tuple(f"linear_{d}" for d in _DT),
     "norm.cu": ("rms_norm_f32", "gated_rms_norm_f32", "l2_norm_f32"),
     "rope.cu": ("rope_f32",),
-    "attention.cu": ("attn_split_f32", "attn_combine_f32"),
+    "attention.cu": ("attn_split_f32", "attn_split_f16", "attn_split_bf16", "attn_combine_f32", "kv_store_f32",
+                     "kv_store_f16", "kv_store_bf16"),
     "router.cu": ("router_topk_f32",),
     "delta.cu": ("causal_conv_f32", "delta_gates_f32", "gated_delta_rule_f32"),
     "expert_gemv.cu": tuple(f"moe_{op}_{d}" for op in ("gate_up", "down") for d in _DT),
@@ -242,24 +243,33 @@ def rope(x, cos, sin, start=0):
             (x, cos, sin, np.int32(start), np.int32(H), np.int32(hd), np.int32(cos.shape[1])))
 
 
-def attention(q, k_cache, v_cache, start, out):
+def kv_store(k, v, k_cache, v_cache, start, dtype):
+    """This step's keys and values k, v f32[T, KV, hd] -> the caches [KV, cap, hd] ("f32", or "f16" /
+    "bf16" bits as uint16, as cpu.kv_store) at positions start..start+T-1, rounded to nearest even."""
+    T, KV, hd = k.shape
+    _launch("attention.cu", f"kv_store_{dtype}", (T * KV,), 128,
+            (k, v, _weights(k_cache, dtype), _weights(v_cache, dtype), np.int32(start), np.int32(KV),
+             np.int32(k_cache.shape[1]), np.int32(hd)))
+
+
+def attention(q, k_cache, v_cache, start, out, dtype):
     """Causal GQA attention as cpu.attention: q f32[T, H, hd] at positions start.., caches
-    f32[KV, cap, hd] filled up to start + T - 1; writes out f32[T, H, hd]. The keys are split into
-    S chunks so that about 4 blocks per SM run even for one query (decode); the chunks' partial
+    [KV, cap, hd] of `dtype` filled up to start + T - 1; writes out f32[T, H, hd]. The keys are split
+    into S chunks so that about 4 blocks per SM run even for one query (decode); the chunks' partial
     softmax sums are combined by a second kernel."""
     T, H, hd = q.shape
     KV, cap, _ = k_cache.shape
     if hd > 256:
-        raise ValueError(f"head_dim {hd} > 256 is not supported by attn_split_f32")
+        raise ValueError(f"head_dim {hd} > 256 is not supported by attn_split_{dtype}")
     L = start + T
     S = max(1, min(math.ceil(L / 128), 4 * _sm_count() // (T * H)))
     chunk = math.ceil(L / S)
     S = math.ceil(L / chunk)
     part_o = buffer((T, H, S, hd))
     part_ml = buffer((T, H, S, 2))
-    _launch("attention.cu", "attn_split_f32", (S, H, T), 128,
-            (q, k_cache, v_cache, part_o, part_ml, np.int32(start), np.int32(H), np.int32(KV), np.int32(cap),
-             np.int32(hd), np.int32(chunk), np.float32(1.0 / np.sqrt(hd))))
+    _launch("attention.cu", f"attn_split_{dtype}", (S, H, T), 128,
+            (q, _weights(k_cache, dtype), _weights(v_cache, dtype), part_o, part_ml, np.int32(start), np.int32(H),
+             np.int32(KV), np.int32(cap), np.int32(hd), np.int32(chunk), np.float32(1.0 / np.sqrt(hd))))
     _launch("attention.cu", "attn_combine_f32", (T * H,), 128, (part_o, part_ml, out, np.int32(S), np.int32(hd)))
 
 

@@ -21,6 +21,8 @@ def add_arguments(p):
     p.add_argument("--no-refine", dest="refine", action="store_false", default=None,
                    help="hint each MoE layer once, from the layer before, without ranking it again on its own input")
     p.add_argument("--readers", type=int, default=None, help="reader threads (default 1)")
+    p.add_argument("--kv-dtype", default=None, choices=("f16", "bf16", "f32"),
+                   help="what the KV cache holds, in every strategy (default f16)")
     p.add_argument("--prompt-file", default=None, metavar="TEXTFILE",
                    help="context text (default: MODEL/bench_prompt.txt if present, else random token ids)")
     p.add_argument("--text", default=None, metavar="TEXTFILE",
@@ -68,12 +70,12 @@ def main(args):
     if args.miss_policy is not None and not gpu:
         raise InputError("--miss-policy is for the GPU expert cache: give --device cuda")
     options = dict(expert_cache=args.expert_cache, storage=args.storage, readers=args.readers,
-                   lookahead=args.lookahead, refine=args.refine, **gpu)
+                   lookahead=args.lookahead, refine=args.refine, kv_dtype=args.kv_dtype, **gpu)
     EngineConfig.from_options(**options)  # bad options fail here, before loading anything
     if args.no_resident:  # the reference: a reactive run, holding no more experts than the budget
         resident = Engine.from_pretrained(model, **dict(options, predictor="none"))
     else:
-        resident = Engine.from_pretrained(model, storage=args.storage, device=args.device,
+        resident = Engine.from_pretrained(model, storage=args.storage, device=args.device, kv_dtype=args.kv_dtype,
                                           cpu_moe=False if gpu else None)
     try:
         learned = os.path.isfile(predictor_file(model))

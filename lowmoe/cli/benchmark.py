@@ -49,8 +49,9 @@ def context_ids(engine, prompt_file, n, what="the context"):
 
 
 def _context_key(engine, ids):
-    """Hash of what the KV cache depends on: the model's files (names, sizes, times) and the ids."""
-    h = hashlib.sha256(os.path.realpath(engine.model_dir).encode())
+    """Hash of what the KV cache depends on: the model's files (names, sizes, times), the KV dtype
+    and the ids."""
+    h = hashlib.sha256(f"{os.path.realpath(engine.model_dir)}:{engine.options.kv_dtype}".encode())
     files = split_files(engine.model_dir) if engine.model_dir.endswith(".gguf") else glob.glob(os.path.join(engine.model_dir, "*"))
     for path in sorted(files):
         st = os.stat(path)
@@ -72,13 +73,16 @@ def load_context(engine, ids, room, cache_dir, progress=None):
     cfg = engine.config
     path = None if cache_dir is None else os.path.join(cache_dir, f"context-{_context_key(engine, ids)}.npz")
     if path is not None and os.path.isfile(path):
-        kv = engine._kv_cache(len(ids) + room)  # on the engine's device
+        kv = engine.kv_cache(len(ids) + room)  # on the engine's device
         try:
             with np.load(path) as saved:
                 for i in range(cfg.num_layers):
                     if kv.k[i] is not None:
-                        kv.k[i][:, : len(ids)] = kv.xp.asarray(saved[f"k{i}"])
-                        kv.v[i][:, : len(ids)] = kv.xp.asarray(saved[f"v{i}"])
+                        k, v = saved[f"k{i}"], saved[f"v{i}"]
+                        if k.dtype != kv.k[i].dtype or v.dtype != kv.v[i].dtype:
+                            raise ValueError("saved in another KV dtype")
+                        kv.k[i][:, : len(ids)] = kv.xp.asarray(k)
+                        kv.v[i][:, : len(ids)] = kv.xp.asarray(v)
                 recurrent = [(kv.xp.asarray(saved[f"conv{j}"]), kv.xp.asarray(saved[f"ssm{j}"]))
                              for j in range(len(kv.recurrent()))]
                 kv.restore(recurrent)

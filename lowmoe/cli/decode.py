@@ -40,6 +40,9 @@ def add_engine_arguments(p):
                    "tokens, workspace, and the rest expert slots (see `lowmoe info --vram-budget`)")
     p.add_argument("--max-context", type=int, default=None, metavar="N",
                    help="tokens of KV cache the VRAM budget reserves (default 8192)")
+    p.add_argument("--kv-dtype", default=None, choices=("f16", "bf16", "f32"),
+                   help="what the KV cache holds (default f16: half the bytes attention reads; f32 matches a float32 "
+                   "reference)")
     p.add_argument("--miss-policy", default=None, choices=("wait", "cpu", "auto"),
                    help="with a GPU expert cache: a miss whose copy is still in flight waits for it, or is computed "
                    "on the CPU from the staged weights (same output bits); default auto: whichever the measured "
@@ -68,7 +71,7 @@ def add_engine_arguments(p):
 def engine_options(args):
     return {"device": args.device, "expert_cache": args.expert_cache, "storage": args.storage, "readers": args.readers,
             "predictor": args.predictor, "oracle_trace": args.oracle_trace, "lookahead": args.lookahead,
-            "refine": args.refine,
+            "refine": args.refine, "kv_dtype": args.kv_dtype,
             "vram_budget": args.vram_budget, "max_context": args.max_context, "miss_policy": args.miss_policy}
 
 

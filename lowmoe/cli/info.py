@@ -12,6 +12,8 @@ def add_arguments(p):
                    help="also print the GPU memory plan for this budget (12GiB): dense weights, KV cache, workspace, "
                    "expert slots")
     p.add_argument("--context", type=int, default=8192, help="tokens of KV cache in the VRAM plan (default 8192)")
+    p.add_argument("--kv-dtype", default="f16", choices=("f16", "bf16", "f32"),
+                   help="KV cache element type, for the bytes per token and the VRAM plan (default f16)")
     p.add_argument("--lookahead", type=int, default=1, choices=(1, 2),
                    help="MoE layers ahead hints cover: staging slots are top-k per layer (default 1)")
 
@@ -20,7 +22,7 @@ def main(args):
     from lowmoe import DEFAULT_MODEL
     from lowmoe.load.gguf import GGUF
     from lowmoe.load.model import open_model
-    from lowmoe.tier.vram import state_bytes
+    from lowmoe.tier.vram import kv_bytes_per_token, state_bytes
     from lowmoe.tier.budget import plan_cache
     from lowmoe.tier.store import is_packed, open_store
 
@@ -54,7 +56,8 @@ def main(args):
         "vocab_size": cfg.vocab_size,
         "linear_attention_layers": [i for i, m in enumerate(cfg.layer_mixers) if m == "linear"],
         # per sequence: KV of the attention layers for each token, and the linear layers' fixed state
-        "kv_bytes_per_token": cfg.layer_mixers.count("attention") * 2 * cfg.num_kv_heads * cfg.head_dim * 4,
+        "kv_dtype": args.kv_dtype,
+        "kv_bytes_per_token": kv_bytes_per_token(cfg, args.kv_dtype),
         "state_bytes": state_bytes(cfg),
         "dense_bytes": total - expert_bytes,
         "expert_bytes": expert_bytes,
@@ -75,7 +78,7 @@ def main(args):
         dense = device_bytes(dense_weights(ckpt, cfg))
         staging = cfg.top_k * args.lookahead
         slot = sum(layout.role_sizes)  # a GPU slot holds the largest layer's gate, up and down
-        info.update(plan_vram(args.vram_budget, cfg, dense, slot, args.context, staging).describe())
+        info.update(plan_vram(args.vram_budget, cfg, dense, slot, args.context, staging, args.kv_dtype).describe())
     if args.json:
         print(json.dumps(info))
         return 0

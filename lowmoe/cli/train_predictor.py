@@ -41,7 +41,6 @@ def record(engine, ids, n, seed):
     import numpy as np
 
     from lowmoe.errors import InputError
-    from lowmoe.model import KVCache
     from lowmoe.sampling import sample
 
     if ids is None:
@@ -51,7 +50,7 @@ def record(engine, ids, n, seed):
         ids = [engine.config.eos_token_ids[0]]
     rec, rng = _Recorder(), np.random.default_rng(seed)
     engine.model.predictor = rec  # called in decode only: the engine has an expert cache
-    kv = KVCache(engine.config, n)
+    kv = engine.kv_cache(n)
     token = ids[0]
     for i in range(n):
         logits = engine.model.forward(np.array([token], np.int64), kv)

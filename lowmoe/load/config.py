@@ -256,10 +256,13 @@ DEVICES = ("cpu", "cuda")
 STORAGE_KINDS = ("checkpoint", "packed", "ram")
 PREDICTORS = ("none", "nextgate", "history", "learned", "pregate", "oracle")
 MISS_POLICIES = ("wait", "cpu", "auto")
+KV_BYTES = {"f16": 2, "bf16": 2, "f32": 4}  # KV cache dtype -> bytes per element
+KV_DTYPES = tuple(KV_BYTES)
 # EngineConfig field -> environment variable; an option given to the API or CLI wins.
 ENV_VARS = {"expert_cache": "SHARPI_EXPERT_CACHE", "storage": "SHARPI_STORAGE", "readers": "SHARPI_READERS",
             "cpu_moe": "SHARPI_CPU_MOE", "predictor": "SHARPI_MOE_PREDICTOR", "lookahead": "SHARPI_MOE_LOOKAHEAD",
-            "vram_budget": "SHARPI_VRAM_BUDGET", "miss_policy": "SHARPI_MISS_POLICY", "refine": "SHARPI_MOE_REFINE"}
+            "vram_budget": "SHARPI_VRAM_BUDGET", "miss_policy": "SHARPI_MISS_POLICY", "refine": "SHARPI_MOE_REFINE",
+            "kv_dtype": "SHARPI_KV_DTYPE"}
 
 
 @dataclass(frozen=True)
@@ -271,6 +274,7 @@ class EngineConfig:
     vram_budget: str = None  # device "cuda": GPU bytes ("12GiB") to plan; the rest of the dense weights,
     # KV cache and workspace goes to expert slots (vram.py)
     max_context: int = 8192  # tokens of KV cache the VRAM plan reserves
+    kv_dtype: str = "f16"  # KV_DTYPES: what the KV cache holds; f32 for comparisons with a float32 reference
     storage: str = None  # slow tier: "checkpoint", "packed", "ram"; None: packed if the folder is, else checkpoint
     readers: int = 1  # reader threads (one: concurrent large reads measured slower, see docs/performance.md)
     read_timeout_s: float = 30.0
@@ -309,6 +313,8 @@ class EngineConfig:
         if (c.predictor == "oracle") != (c.oracle_trace is not None):
             raise InputError("predictor 'oracle' and oracle_trace (a trace file of an earlier run of the same "
                              "input) go together")
+        if c.kv_dtype not in KV_DTYPES:
+            raise InputError(f"KV cache dtype {c.kv_dtype!r}: expected one of {', '.join(KV_DTYPES)}")
         if c.miss_policy is not None:
             if c.miss_policy not in MISS_POLICIES:
                 raise InputError(f"miss policy {c.miss_policy!r}: expected one of {', '.join(MISS_POLICIES)}")

@@ -102,7 +102,8 @@ def _on_gpu(cfg, dense, store, options):
         return experts, "resident"
     slot = sum(store.layout.role_sizes)  # a device slot: each part as large as the largest layer's
     if options.vram_budget is not None:
-        plan = plan_vram(options.vram_budget, cfg, device_bytes(dense), slot, options.max_context, staging).cache
+        plan = plan_vram(options.vram_budget, cfg, device_bytes(dense), slot, options.max_context, staging,
+                         options.kv_dtype).cache
     else:
         plan = plan_cache(options.expert_cache, cfg, slot, staging)
     dev = CupyDevice()

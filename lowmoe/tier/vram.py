@@ -5,8 +5,9 @@ holds when the model does not fit, and how many expert slots are left for the ca
 
 - dense weights: everything but the routed experts, as load/weights.to_device moves them
   (weights.device_bytes);
-- KV cache: model.KVCache on the GPU at a capacity of `context` tokens: k and v f32[KV, context, hd] per
-  layer, and the RoPE tables cos, sin f32[context, hd/2];
+- KV cache: model.KVCache on the GPU at a capacity of `context` tokens: k and v [KV, context, hd] per
+  attention layer in the KV dtype (2 bytes for f16 / bf16, 4 for f32), the RoPE tables cos, sin
+  f32[context, rot/2] and the linear-attention layers' state;
 - workspace: the activations of the largest forward pass, a prefill chunk of PREFILL_CHUNK tokens
   (x and its norms, q/k/v, attention output and partials, router logits, expert scratch h [T*k, I]
   and y [T*k, D], the last token's logits), plus WORKSPACE_FIXED for CuPy's pool rounding and
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 
 from .budget import CachePlan, fmt_bytes, parse_bytes
 from ..errors import InputError
+from ..load.config import KV_BYTES
 
 PREFILL_CHUNK = 512  # tokens per forward of a long prompt (bench and engine prefill chunks)
 WORKSPACE_FIXED = 256 << 20
@@ -41,12 +43,16 @@ def state_bytes(cfg):
     return cfg.layer_mixers.count("linear") * ((K - 1) * (2 * Hk * dk + Hv * dv) + Hv * dk * dv) * 4
 
 
-def kv_bytes(cfg, context):
-    """model.KVCache of `context` positions: f32 keys and values of the attention layers, the RoPE
-    tables, the linear layers' state."""
-    attention = cfg.layer_mixers.count("attention")
+def kv_bytes_per_token(cfg, dtype):
+    """Keys and values of one position in every attention layer, in KV cache dtype `dtype`."""
+    return cfg.layer_mixers.count("attention") * 2 * cfg.num_kv_heads * cfg.head_dim * KV_BYTES[dtype]
+
+
+def kv_bytes(cfg, context, dtype):
+    """model.KVCache of `context` positions in KV cache dtype `dtype`: keys and values of the
+    attention layers, the RoPE tables, the linear layers' state."""
     rot = cfg.rotary_dim or cfg.head_dim
-    return 2 * attention * cfg.num_kv_heads * context * cfg.head_dim * 4 + 2 * context * (rot // 2) * 4 + state_bytes(cfg)
+    return kv_bytes_per_token(cfg, dtype) * context + 2 * context * (rot // 2) * 4 + state_bytes(cfg)
 
 
 def workspace_bytes(cfg, chunk=PREFILL_CHUNK):
@@ -77,13 +83,13 @@ class VramPlan:
                 "vram_unplanned_bytes": self.budget - self.dense - self.kv - self.workspace - c.nbytes}
 
 
-def plan_vram(spec, cfg, dense, slot_bytes, context, staging):
+def plan_vram(spec, cfg, dense, slot_bytes, context, staging, kv_dtype):
     """VramPlan for a budget spec ("12GiB", "8000MB", bytes): the expert slots are what is left
-    after dense weights, KV cache and workspace, at most one per routed expert, at least top_k
+    after dense weights, a KV cache of `context` positions in `kv_dtype` and workspace, at most one per routed expert, at least top_k
     (one layer's experts at once) plus `staging`; less is an InputError naming the minimum."""
     budget = parse_bytes(spec, "VRAM budget")
     experts = len(cfg.moe_layers) * cfg.num_experts
-    kv, work = kv_bytes(cfg, context), workspace_bytes(cfg)
+    kv, work = kv_bytes(cfg, context, kv_dtype), workspace_bytes(cfg)
     fixed = dense + kv + work
     slots = (budget - fixed) // slot_bytes - staging
     if slots < cfg.top_k:
