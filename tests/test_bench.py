@@ -190,3 +190,26 @@ def test_bench_without_a_resident_engine(tmp_path, capsys, monkeypatch):
     assert out["strategies"]["oracle"]["topk_recall"] == 1.0
     assert cli(args + ["--strategies", "none,reactive"]) == 2
     assert "leave it out with --no-resident" in capsys.readouterr().err
+
+
+def test_bench_leaves_out_the_resident_run_when_every_expert_would_not_fit(tmp_path, capsys, monkeypatch):
+    """With less memory left than the weights and the KV cache (faked here), the bench runs as with
+    --no-resident, says so in one line, and reports its peak resident set."""
+    from lowmoe.tier import experts, host_memory
+
+    held = []
+    resident_init = experts.ResidentExperts.__init__
+    monkeypatch.setattr(experts.ResidentExperts, "__init__", lambda self, *a, **k: held.append(1) or resident_init(self, *a, **k))
+    free = {"bytes": 10 << 20}  # less than the bundled model's 24 MB of weights
+    monkeypatch.setattr(host_memory, "available_bytes", lambda: free["bytes"])
+    args = ["bench", "--context", "32", "--new-tokens", "4", "--repeats", "1", "--expert-cache", "25%",
+            "--context-cache", "none", "--strategies", "reactive,oracle", "--json"]
+    assert cli(args) == 0
+    out, err = capsys.readouterr()
+    result = json.loads(out)
+    assert result["resident"] is False and not held and "as with --no-resident" in err
+    assert [line for line in err.splitlines() if line.strip()] == [err.strip()]  # one line
+    assert 0 < result["peak_rss_bytes"] < 64 << 30
+    free["bytes"] = 1 << 40  # room to spare: the resident reference again
+    assert cli(args) == 0
+    assert json.loads(capsys.readouterr().out)["resident"] is True and held

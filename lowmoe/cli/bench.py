@@ -38,7 +38,8 @@ def add_arguments(p):
                    "(default auto)")
     p.add_argument("--no-resident", action="store_true",
                    help="never hold every expert (a model larger than memory): the context is prefilled and the "
-                   "reference decoded through a reactive cache of --expert-cache; no 'none' strategy")
+                   "reference decoded through a reactive cache of --expert-cache; no 'none' strategy. Also chosen "
+                   "when every expert would not fit in the memory this process can take (MemAvailable, its cgroup)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
 
 
@@ -50,7 +51,8 @@ def main(args):
     from lowmoe.cli.benchmark import PROMPT_FILE, STRATEGIES, TEXT_FILE, Bench, check_strategies, context_ids, load_context
     from lowmoe.cli.benchmark import schedule
     from lowmoe.cli.benchmark import summarize
-    from lowmoe.tier.budget import plan_cache
+    from lowmoe.tier.budget import fmt_bytes, plan_cache
+    from lowmoe.tier.host_memory import available_bytes, peak_rss_bytes
     from lowmoe.load.config import EngineConfig
     from lowmoe.errors import InputError
     from lowmoe.predict.learned import predictor_file
@@ -72,6 +74,12 @@ def main(args):
     options = dict(expert_cache=args.expert_cache, storage=args.storage, readers=args.readers,
                    lookahead=args.lookahead, refine=args.refine, kv_dtype=args.kv_dtype, **gpu)
     EngineConfig.from_options(**options)  # bad options fail here, before loading anything
+    if not args.no_resident and not gpu:
+        need, free = resident_need(model, args.context, EngineConfig.from_options(**options).kv_dtype), available_bytes()
+        if free is not None and need > free:
+            err.print(f"lowmoe bench: every expert resident needs {fmt_bytes(need)}, more than the {fmt_bytes(free)} "
+                      "this process can take: the reference is a reactive run, as with --no-resident", soft_wrap=True)
+            args.no_resident = True
     if args.no_resident:  # the reference: a reactive run, holding no more experts than the budget
         resident = Engine.from_pretrained(model, **dict(options, predictor="none"))
     else:
@@ -119,12 +127,27 @@ def main(args):
               "storage": args.storage or ("packed" if is_packed(model) else "checkpoint"),
               "new_tokens": args.new_tokens, "repeats": args.repeats, "context_from_cache": loaded,
               "text": None if forced is None else text, "resident": not args.no_resident,
-              "strategies": summarize(runs)}
+              "peak_rss_bytes": peak_rss_bytes(), "strategies": summarize(runs)}
     if args.json:
         print(json.dumps(result))
         return 0
     _print_table(result, Console(width=None if sys.stdout.isatty() else 132))
     return 0
+
+
+def resident_need(model, context, kv_dtype):
+    """Host bytes of an engine holding every expert: the weights, and a KV cache of `context`
+    positions."""
+    from lowmoe.load.model import open_model
+    from lowmoe.tier.host_memory import weight_bytes
+    from lowmoe.tier.store import is_packed, open_store
+    from lowmoe.tier.vram import kv_bytes
+
+    ckpt, cfg = open_model(model)
+    store = open_store("packed" if is_packed(model) else "checkpoint", model, ckpt, cfg)
+    store.close()
+    dense, experts = weight_bytes(ckpt, cfg, store.layout, is_packed(model))
+    return dense + experts + kv_bytes(cfg, context, kv_dtype)
 
 
 def _print_table(result, console):
@@ -133,7 +156,8 @@ def _print_table(result, console):
     table = Table(title=f"{result['model']} on {result['device']}: context {result['context']}, expert cache "
                   f"{result['expert_cache']}, "
                   f"{result['storage']} store, {result['new_tokens']} new tokens "
-                  f"({'greedy' if result['text'] is None else 'along ' + os.path.basename(result['text'])}) x {result['repeats']}",
+                  f"({'greedy' if result['text'] is None else 'along ' + os.path.basename(result['text'])}) x {result['repeats']}"
+                  f"; peak RSS {result['peak_rss_bytes'] / 2**30:.2f} GiB",
                   caption="stall: share of decode time spent waiting for expert reads; recall: |predicted top-k ∩ "
                   "chosen| / k; prefetch hits / cache hits: chosen experts a hint had read (or was reading) / that "
                   "were cached; disk GB/s: one reader's speed in the second before each run")

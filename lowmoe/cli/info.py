@@ -11,7 +11,8 @@ def add_arguments(p):
     p.add_argument("--vram-budget", default=None, metavar="BYTES",
                    help="also print the GPU memory plan for this budget (12GiB): dense weights, KV cache, workspace, "
                    "expert slots")
-    p.add_argument("--context", type=int, default=8192, help="tokens of KV cache in the VRAM plan (default 8192)")
+    p.add_argument("--context", type=int, default=8192,
+                   help="tokens of KV cache in the memory plans (default 8192)")
     p.add_argument("--kv-dtype", default="f16", choices=("f16", "bf16", "f32"),
                    help="KV cache element type, for the bytes per token and the VRAM plan (default f16)")
     p.add_argument("--lookahead", type=int, default=1, choices=(1, 2),
@@ -22,6 +23,7 @@ def main(args):
     from lowmoe import DEFAULT_MODEL
     from lowmoe.load.gguf import GGUF
     from lowmoe.load.model import open_model
+    from lowmoe.tier.host_memory import weight_bytes
     from lowmoe.tier.vram import kv_bytes_per_token, state_bytes
     from lowmoe.tier.budget import plan_cache
     from lowmoe.tier.store import is_packed, open_store
@@ -32,7 +34,7 @@ def main(args):
     store = open_store("packed" if is_packed(path) else "checkpoint", path, ckpt, cfg)
     store.close()
     layout, block = store.layout, store.layout.block
-    expert_bytes = cfg.num_experts * sum(layout.of(layer).nbytes for layer in cfg.moe_layers)
+    dense_bytes, expert_bytes = weight_bytes(ckpt, cfg, layout, is_packed(path))
     formats = {}
     if isinstance(ckpt, GGUF):
         for t in ckpt.tensors.values():
@@ -42,7 +44,6 @@ def main(args):
                 L = layout.of(layer)
                 for fmt, size in zip(L.formats, L.sizes):
                     formats[fmt] = formats.get(fmt, 0) + cfg.num_experts * size
-    total = sum(t.nbytes for t in ckpt.tensors.values()) + (expert_bytes if is_packed(path) else 0)
     info = {
         "model": path,
         "model_type": cfg.model_type,
@@ -59,14 +60,17 @@ def main(args):
         "kv_dtype": args.kv_dtype,
         "kv_bytes_per_token": kv_bytes_per_token(cfg, args.kv_dtype),
         "state_bytes": state_bytes(cfg),
-        "dense_bytes": total - expert_bytes,
+        "dense_bytes": dense_bytes,
         "expert_bytes": expert_bytes,
         "bytes_per_expert": expert_bytes // max(1, experts),
     }
     if formats:
         info["format_bytes"] = formats  # GGUF: bytes per weight format over every tensor
     if args.expert_cache is not None:
-        info.update(plan_cache(args.expert_cache, cfg, block).describe())
+        plan = plan_cache(args.expert_cache, cfg, block)
+        info.update(plan.describe())
+        # what decode on the CPU holds: dense weights, cache and staging slots, the KV cache at --context
+        info["host_plan_bytes"] = dense_bytes + plan.nbytes + info["kv_bytes_per_token"] * args.context + state_bytes(cfg)
     if args.vram_budget is not None:
         from lowmoe.errors import InputError
         from lowmoe.load.model import dense_weights
