@@ -75,7 +75,7 @@ def make_predictor(name, cfg, dense, model_dir, oracle_trace=None, lookahead=1):
     if name == "learned":
         if not os.path.isfile(learned):
             raise InputError(f"predictor 'learned': {learned} not found; run `lowmoe train-predictor {model_dir}`")
-        return Learned(cfg, learned)
+        return Learned(cfg, learned, dense)
     if name == "nextgate":
         return NextGate(cfg, dense, lookahead)
     if name == "history":

@@ -34,6 +34,13 @@ def cfg():
     return lowmoe.Engine.from_pretrained().config
 
 
+def _dense(cfg):
+    from lowmoe.load.checkpoint import Checkpoint
+    from lowmoe.load.weights import load_dense
+
+    return load_dense(Checkpoint(lowmoe.DEFAULT_MODEL), cfg)
+
+
 def _layers(cfg):
     E, D = cfg.num_experts, cfg.hidden_size
     return {n: (np.zeros((E, D), np.float32), np.zeros(E, np.float32)) for n in cfg.moe_layers[:-1]}
@@ -42,7 +49,7 @@ def _layers(cfg):
 def test_bad_file_names_file_and_tensor(cfg, tmp_path):
     good = tmp_path / "good.safetensors"
     learned.save(good, cfg, _layers(cfg))
-    assert set(learned.Learned(cfg, good).layers) == set(cfg.moe_layers[:-1])
+    assert set(learned.Learned(cfg, good, _dense(cfg)).layers) == set(cfg.moe_layers[:-1])
 
     meta = {"model_type": cfg.model_type, "hidden_size": str(cfg.hidden_size), "num_experts": str(cfg.num_experts)}
     tensors = {f"predictor.layers.{n}.{s}": t for n, (w, b) in _layers(cfg).items() for s, t in (("weight", w), ("bias", b))}
@@ -52,11 +59,11 @@ def test_bad_file_names_file_and_tensor(cfg, tmp_path):
         path = tmp_path / f"{case}.safetensors"
         save_file(ts, str(path), metadata=meta)
         with pytest.raises(CheckpointError, match=f"{path}.*{tensor}"):
-            learned.Learned(cfg, path)
+            learned.Learned(cfg, path, _dense(cfg))
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"not a safetensors file")
     with pytest.raises(CheckpointError, match=str(junk)):
-        learned.Learned(cfg, junk)
+        learned.Learned(cfg, junk, _dense(cfg))
 
 
 def test_explicit_learned_without_file_is_one_line_error(tmp_path):
@@ -78,3 +85,33 @@ def test_trained_file_is_default_and_changes_no_output(tmp_path):
                 gen = e.generate(PROMPT, 16, stop_at_eos=False)
             assert gen.tokens == reference
             assert gen.stats["prefetched"] > 0
+
+
+def test_a_fitted_layer_worse_than_nextgate_online_gives_way_to_it(cfg, tmp_path):
+    """One layer's map ranks the experts backwards: after one token scored, that layer's hints are
+    nextgate's top-k; the other layers, which hold nextgate itself, are neither changed nor scored."""
+    from lowmoe.predict.nextgate import NextGate
+
+    dense = _dense(cfg)
+    layers = {n: learned.nextgate_init(cfg, dense, n) for n in cfg.moe_layers[:-1]}
+    bad = cfg.moe_layers[2]
+    layers[bad] = (-layers[bad][0], -layers[bad][1])
+    path = tmp_path / "predictor.safetensors"
+    learned.save(path, cfg, layers)
+    p, plain = learned.Learned(cfg, path, dense), NextGate(cfg, dense)
+    assert set(p.nextgate) == {bad}
+    rng, k = np.random.default_rng(3), cfg.top_k
+    truth = {}  # the experts each layer "chooses": nextgate's top-k from the layer before
+    for token in range(3):
+        for layer in cfg.moe_layers:
+            h = rng.standard_normal((1, cfg.hidden_size)).astype(np.float32)
+            chosen = truth.get(layer, np.arange(k))
+            got = p.predict(layer, h, chosen)
+            want = plain.predict(layer, h, chosen)
+            if not want:
+                assert got == []
+                continue
+            (nxt, ranked), (_, ranked_plain) = got[0], want[0]
+            truth[nxt] = ranked_plain[:k]
+            same = set(ranked[:k].tolist()) == set(ranked_plain[:k].tolist())
+            assert same == (layer != bad or token > 0), (token, layer)

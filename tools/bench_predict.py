@@ -26,7 +26,7 @@ def held_out_ids(engine, n):
 def per_layer_recall(predictor, ids, learned_file):
     with lowmoe.Engine.from_pretrained(expert_cache="100%", predictor="none" if predictor == "learned" else predictor) as e:
         if predictor == "learned":
-            e.model.predictor = Learned(e.config, learned_file)
+            e.model.predictor = Learned(e.config, learned_file, e.model.w)
         kv = e.kv_cache(len(ids))
         e.model.experts.reset_stats()
         for t in ids:
