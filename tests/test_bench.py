@@ -1,7 +1,9 @@
 """`lowmoe bench` and the reusable prefilled Context it stands on: exact invariants only (the
 bench's speeds are measurements, never asserted)."""
 
+import gc
 import json
+import weakref
 
 import numpy as np
 import pytest
@@ -179,14 +181,23 @@ def test_bench_without_a_resident_engine(tmp_path, capsys, monkeypatch):
     asking for 'none' is one line."""
     from lowmoe.tier import experts
 
-    held = []
-    resident_init = experts.ResidentExperts.__init__
+    held, alive, others = [], weakref.WeakSet(), []
+    resident_init, offloaded_init = experts.ResidentExperts.__init__, experts.OffloadedExperts.__init__
     monkeypatch.setattr(experts.ResidentExperts, "__init__", lambda self, *a, **k: held.append(1) or resident_init(self, *a, **k))
+
+    def offloaded(self, *a, **k):  # how many other expert caches are still alive when one is made
+        gc.collect()
+        others.append(len(alive))
+        alive.add(self)
+        offloaded_init(self, *a, **k)
+
+    monkeypatch.setattr(experts.OffloadedExperts, "__init__", offloaded)
     args = ["bench", "--context", "32", "--new-tokens", "6", "--repeats", "1", "--expert-cache", "25%",
             "--context-cache", "none", "--no-resident", "--json"]
     assert cli(args) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["resident"] is False and "none" not in out["strategies"] and not held
+    assert len(others) == 1 + len(out["strategies"]) + 1 and max(others) == 0  # one budget's slots at a time
     assert out["strategies"]["oracle"]["topk_recall"] == 1.0
     assert cli(args + ["--strategies", "none,reactive"]) == 2
     assert "leave it out with --no-resident" in capsys.readouterr().err

@@ -1,6 +1,7 @@
 """`lowmoe bench MODEL`: decode tok/s of reactive, predictive and oracle prefetch side by side, at a
 long context with the expert cache at a fraction of the experts (see lowmoe/cli/benchmark.py)."""
 
+import gc
 import json
 import os
 import sys
@@ -111,6 +112,11 @@ def main(args):
             context, loaded = load_context(resident, ids, args.new_tokens, cache_dir,
                                            lambda done, total: bar.update(task, completed=done))
         bench = Bench(model, context, resident, args.new_tokens, options, forced)
+        if args.no_resident:  # the reference's cache is done with: freed before each strategy's engine takes one
+            bench.resident = None
+            resident.close()
+            resident = None
+            gc.collect()
         runs = {n: [] for n in names}
         with Progress(console=err, transient=True) as bar:
             order = schedule(names, args.repeats)
@@ -122,7 +128,8 @@ def main(args):
                     runs[n].append(stats)
                 bar.advance(task)
     finally:
-        resident.close()
+        if resident is not None:
+            resident.close()
     result = {"model": model, "device": args.device, "context": args.context, "expert_cache": args.expert_cache,
               "storage": args.storage or ("packed" if is_packed(model) else "checkpoint"),
               "new_tokens": args.new_tokens, "repeats": args.repeats, "context_from_cache": loaded,
