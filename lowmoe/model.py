@@ -108,7 +108,9 @@ class Model:
         self.predictor = predictor  # hints the next MoE layer's experts during decode
         self.where = where
         self.refine = refine  # rank each MoE layer's hint again on its input (_refine)
-        self.first = TokenTable(cfg.vocab_size, cfg.top_k) if refine and cfg.moe_layers else None
+        # the first MoE layer's routing by token id, from the learned predictor's fitted table if it has one
+        fitted = getattr(predictor, "first", None)
+        self.first = TokenTable(cfg.vocab_size, cfg.top_k, fitted) if refine and cfg.moe_layers else None
 
     def forward(self, tokens, kv, all_logits=False):
         """tokens int64[T] (host) at positions kv.length.. -> logits f32[T, V] (or [1, V], the last

@@ -28,6 +28,7 @@ class _Recorder:
     def __init__(self):
         self.h = {}  # layer -> list of f32[D]
         self.chosen = {}  # layer -> list of int64[k]
+        self.tokens = []  # the id of each step
 
     def predict(self, layer, h, chosen):
         self.h.setdefault(layer, []).append(h[0].copy())
@@ -53,6 +54,7 @@ def record(engine, ids, n, seed):
     kv = engine.kv_cache(n)
     token = ids[0]
     for i in range(n):
+        rec.tokens.append(token)
         logits = engine.model.forward(np.array([token], np.int64), kv)
         token = ids[i + 1] if i + 1 < len(ids) else sample(logits[-1], 1.0, 1.0, 0, rng)
     return rec
@@ -133,6 +135,9 @@ def main(args):
     from lowmoe import DEFAULT_MODEL, Engine
     from lowmoe.errors import InputError
     from lowmoe.load.model import DENSE_GGUF
+    import numpy as np
+
+    from lowmoe.predict.first_layer import TokenTable
     from lowmoe.predict.learned import predictor_file, save
 
     model = args.model or DEFAULT_MODEL
@@ -163,7 +168,10 @@ def main(args):
             write_heads(model, out, layers, engine.config.prefix)
         else:
             layers = train(engine, rec)
-            save(out, engine.config, layers)
+            cfg = engine.config
+            table = TokenTable(cfg.vocab_size, cfg.top_k)  # the first MoE layer's routing of each calibration token
+            table.update(rec.tokens, np.stack(rec.chosen[cfg.moe_layers[0]]))
+            save(out, cfg, layers, table.experts)
     print(f"recorded {n} tokens in {t1 - t0:.1f}s, fitted {len(layers)} layers in "
           f"{time.perf_counter() - t1:.1f}s -> {out}", file=sys.stderr)
     return 0

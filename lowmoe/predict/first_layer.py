@@ -7,14 +7,18 @@ a table of each token id's last routing there, fitted on half a text, had recall
 the other half (71% of its tokens in the table). So every forward pass (prefill and decode) writes
 the first MoE layer's choice for each of its tokens here, and a decode step's refinement
 (model.Model._refine) puts the table's experts for the new token ahead of the router's ranking.
+`lowmoe train-predictor` fits the table on its calibration text and saves it with the learned
+predictor (predict/learned.py), so that a new engine starts from it rather than empty.
 """
 
 import numpy as np
 
 
 class TokenTable:
-    def __init__(self, vocab_size, top_k):
+    def __init__(self, vocab_size, top_k, fitted=None):
         self.experts = np.full((vocab_size, top_k), -1, np.int32)  # [V, k]; -1: token not seen yet
+        if fitted is not None:  # a table train-predictor fitted, int32 [V, k]
+            self.experts[...] = fitted
 
     def update(self, tokens, idx):
         """tokens int64[T], idx int[T, k] the experts the first MoE layer chose for them (a token

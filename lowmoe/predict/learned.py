@@ -10,8 +10,9 @@ time each fitted layer is also scored against nextgate on what the gating really
 better of the two ranks (Learned).
 
 File: safetensors beside the model, `moe_predictor.safetensors`, tensors
-`predictor.layers.{N}.weight` [E, D] and `predictor.layers.{N}.bias` [E] (f32), metadata
-model_type, hidden_size, num_experts.
+`predictor.layers.{N}.weight` [E, D] and `predictor.layers.{N}.bias` [E] (f32), optionally
+`predictor.first_layer.experts` int32 [V, k] (the first MoE layer's routing by token id, -1 where
+unseen: predict/first_layer.py), metadata model_type, hidden_size, num_experts.
 """
 
 import os
@@ -84,11 +85,15 @@ def topk_recall(w, b, u, chosen):
     return float(np.mean([len(set(p) & set(c)) for p, c in zip(top.tolist(), chosen.tolist())]) / k)
 
 
-def save(path, cfg, layers):
-    """layers: {MoE layer N: (W f32[E, D], b f32[E])} for every MoE layer but the last."""
+FIRST = "predictor.first_layer.experts"
+
+
+def save(path, cfg, layers, first=None):
+    """layers: {MoE layer N: (W f32[E, D], b f32[E])} for every MoE layer but the last; first: the
+    token table int32 [V, k] or None."""
     from safetensors.numpy import save_file
 
-    tensors = {}
+    tensors = {} if first is None else {FIRST: np.ascontiguousarray(first, np.int32)}
     for n, (w, b) in layers.items():
         tensors[f"predictor.layers.{n}.weight"] = np.ascontiguousarray(w, np.float32)
         tensors[f"predictor.layers.{n}.bias"] = np.ascontiguousarray(b, np.float32)
@@ -97,7 +102,8 @@ def save(path, cfg, layers):
 
 
 def load(path, cfg):
-    """{MoE layer N: (W f32[E, D], b f32[E])}, or CheckpointError naming the file and tensor."""
+    """({MoE layer N: (W f32[E, D], b f32[E])}, token table int32 [V, k] or None), or
+    CheckpointError naming the file and tensor."""
     from safetensors import safe_open
 
     try:
@@ -121,7 +127,13 @@ def load(path, cfg):
                         raise CheckpointError(f"{path}: tensor '{name}' has shape {list(t.shape)}, expected {list(shape)}")
                     pair.append(np.ascontiguousarray(t, np.float32))
                 layers[n] = tuple(pair)
-            return layers
+            first = None
+            if FIRST in names:
+                first = f.get_tensor(FIRST)
+                want = (cfg.vocab_size, cfg.top_k)
+                if first.shape != want or first.dtype != np.int32 or first.min() < -1 or first.max() >= cfg.num_experts:
+                    raise CheckpointError(f"{path}: tensor '{FIRST}' must be int32 {list(want)} of expert ids or -1")
+            return layers, first
     except CheckpointError:
         raise
     except Exception as e:  # safetensors raises its own errors on truncated or corrupt files
@@ -142,7 +154,7 @@ class Learned:
         self.eps = cfg.rms_norm_eps
         self.k = cfg.top_k
         self.next = next_moe_layers(cfg)
-        self.layers = load(os.fspath(weights_file), cfg)
+        self.layers, self.first = load(os.fspath(weights_file), cfg)  # first: read by model.Model
         self.nextgate = {}  # MoE layer N -> nextgate's (W, b), where the file's differ
         for n, (w, b) in self.layers.items():
             w0, b0 = nextgate_init(cfg, dense, n)
