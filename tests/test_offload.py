@@ -223,7 +223,8 @@ def test_cli_budget_plan_and_stats(capsys):
     info = json.loads(capsys.readouterr().out)
     assert (info["cache_slots"], info["staging_slots"], info["fraction_cached"]) == (32, 4, 0.25)
     kv = 8 * 2 * 2 * 64 * 2  # bytes a position: 8 layers, k and v, 2 KV heads of 64, f16
-    assert info["host_plan_bytes"] == info["dense_bytes"] + (32 + 4) * 147456 + 8192 * kv
+    rope = 2 * 8192 * 32 * 4  # the cos and sin tables, f32 [8192, 32]
+    assert info["host_plan_bytes"] == info["dense_bytes"] + (32 + 4) * 147456 + 8192 * kv + rope
     assert cli(["decode", "--prompt-ids", "5,6,7", "--max-new-tokens", "4", "--expert-cache", "min", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert {"hits", "misses", "bytes_read", "stall_s", "per_layer"} <= set(out)

@@ -24,7 +24,7 @@ def main(args):
     from lowmoe.load.gguf import GGUF
     from lowmoe.load.model import open_model
     from lowmoe.tier.host_memory import weight_bytes
-    from lowmoe.tier.vram import kv_bytes_per_token, state_bytes
+    from lowmoe.tier.vram import kv_bytes, kv_bytes_per_token, state_bytes
     from lowmoe.tier.budget import plan_cache
     from lowmoe.tier.store import is_packed, open_store
 
@@ -69,8 +69,8 @@ def main(args):
     if args.expert_cache is not None:
         plan = plan_cache(args.expert_cache, cfg, block)
         info.update(plan.describe())
-        # what decode on the CPU holds: dense weights, cache and staging slots, the KV cache at --context
-        info["host_plan_bytes"] = dense_bytes + plan.nbytes + info["kv_bytes_per_token"] * args.context + state_bytes(cfg)
+        # what decode on the CPU holds: dense weights, cache and staging slots, the sequence state at --context
+        info["host_plan_bytes"] = dense_bytes + plan.nbytes + kv_bytes(cfg, args.context, args.kv_dtype)
     if args.vram_budget is not None:
         from lowmoe.errors import InputError
         from lowmoe.load.model import dense_weights
