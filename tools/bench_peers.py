@@ -102,7 +102,7 @@ def main():
     ap.add_argument("--expert-cache", default="50%", help="lowmoe's budget in (b), and so the cgroup's cap")
     ap.add_argument("--strategies", default="reactive,learned", help="lowmoe's strategies in (b)")
     ap.add_argument("--allowance", default="512MiB", help="added to the cap for each process's runtime")
-    ap.add_argument("--cases", default="resident,offload")
+    ap.add_argument("--cases", default="resident,offload", help="which of (a) resident and (b) offload to run")
     ap.add_argument("--json", default=None, metavar="FILE", help="write every run here")
     args = ap.parse_args()
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -114,7 +114,6 @@ def main():
     result = {"gguf": args.gguf, "lowmoe_model": model, "context": args.context, "new_tokens": args.new_tokens,
               "threads": args.threads, "runs": {}}
     runs = result["runs"]
-    cap = None
     if "offload" in cases:
         if not args.packed:
             sys.exit("bench_peers.py: the out-of-core case needs --packed DIR (lowmoe pack GGUF DIR)")
