@@ -9,7 +9,7 @@ import pytest
 from lowmoe.backend import cpu
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
-from kernel_inputs import delta_rule_ref  # noqa: E402  (tools/: gpu_check's float64 references)
+from kernel_inputs import delta_rule_ref, rounded  # noqa: E402  (tools/: gpu_check's float64 references)
 
 RNG_SEED = 1234
 
@@ -181,11 +181,6 @@ def test_attention_is_causal_and_gqa_grouped():
     assert np.array_equal(out[:, :2], base[:, :2]) and not np.allclose(out[:, 2:], base[:, 2:])
 
 
-def half_bits(x, dtype):
-    """f32 values -> the bits a KV cache of `dtype` holds (uint16), rounded to nearest even."""
-    return x.astype(np.float16).view(np.uint16) if dtype == "f16" else to_bf16_bits(x)
-
-
 def half_values(bits, dtype):
     return bits.view(np.float16).astype(np.float32) if dtype == "f16" else bf16_bits_to_f32(bits)
 
@@ -199,8 +194,8 @@ def test_attention_reads_half_caches(dtype, T, start, H, KV, hd):
     q = randn(g, T, H, hd)
     k = np.full((KV, L + 7, hd), 0x7E00 if dtype == "f16" else 0x7FC0, np.uint16)  # NaN past the end
     v = k.copy()
-    k[:, :L] = half_bits(randn(g, KV, L, hd), dtype)
-    v[:, :L] = half_bits(randn(g, KV, L, hd), dtype)
+    k[:, :L] = rounded(randn(g, KV, L, hd), dtype)[0]
+    v[:, :L] = rounded(randn(g, KV, L, hd), dtype)[0]
     out = nans(T, H, hd)
     cpu.attention(q, k, v, start, out, dtype)
     assert_close(out, attention_ref(q, half_values(k, dtype), half_values(v, dtype), start))

@@ -74,9 +74,9 @@ def main(args):
         raise InputError("--miss-policy is for the GPU expert cache: give --device cuda")
     options = dict(expert_cache=args.expert_cache, storage=args.storage, readers=args.readers,
                    lookahead=args.lookahead, refine=args.refine, kv_dtype=args.kv_dtype, **gpu)
-    EngineConfig.from_options(**options)  # bad options fail here, before loading anything
+    config = EngineConfig.from_options(**options)  # bad options fail here, before loading anything
     if not args.no_resident and not gpu:
-        need, free = resident_need(model, args.context, EngineConfig.from_options(**options).kv_dtype), available_bytes()
+        need, free = resident_need(model, args.context, config.kv_dtype), available_bytes()
         if free is not None and need > free:
             err.print(f"lowmoe bench: every expert resident needs {fmt_bytes(need)}, more than the {fmt_bytes(free)} "
                       "this process can take: the reference is a reactive run, as with --no-resident", soft_wrap=True)
