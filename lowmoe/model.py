@@ -220,10 +220,10 @@ class Model:
         if self.first is not None and i == cfg.moe_layers[0]:  # refine is on: ids are on the host
             self.first.update(tokens, idx)
         if self.predictor is not None and len(u) == 1:
-            # Start reads for the next MoE layer before this layer computes its experts.
+            # Start reads for the next MoE layers (N+1, then N+2) before this layer computes its experts.
             chosen = np.asarray(ops.to_host(idx[0]), np.int64)
-            for later, ranked in self.predictor.predict(i, ops.to_host(h), chosen):
-                self.experts.hint(later, ranked)
+            for distance, (later, ranked) in enumerate(self.predictor.predict(i, ops.to_host(h), chosen), 1):
+                self.experts.hint(later, ranked, distance)
         out = self.experts.forward(i, u, idx, w)
         if layer.shared is not None:
             gate = 1.0 / (1.0 + ops.xp.exp(-self._linear(u, layer.shared_gate)))  # [T, 1]

@@ -112,9 +112,9 @@ def _cache_states(engine):
     def snapshot():
         return {k: cache.segment(k) for k in list(cache._prob) + list(cache._prot)}
 
-    def checked_hint(layer, ranked):
+    def checked_hint(layer, ranked, distance=1):
         before = snapshot()
-        hint(layer, ranked)
+        hint(layer, ranked, distance)
         assert snapshot() == before, "a hint changed the cache"
 
     experts.hint = checked_hint

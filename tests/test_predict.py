@@ -1,6 +1,8 @@
 """Expert prediction: hints change speed, never results or the cache's decisions; recall stats
 agree with a recount from the recorded routing."""
 
+import threading
+
 import numpy as np
 import pytest
 
@@ -148,6 +150,42 @@ def test_lookahead_two_hints_two_layers_ahead(reference):
         assert e.model.predictor.predict(layers[-2], np.ones((1, e.config.hidden_size), np.float32), None)[0][0] == layers[-1]
         gen = e.generate(PROMPT, NEW, stop_at_eos=False)
     assert gen.tokens == reference[0] and gen.stats["prefetched"] > 0
+
+
+class GatedStore:
+    """Wraps a store: records the order of reads; the first blocks until `gate` is set."""
+
+    def __init__(self, store):
+        self.store, self.layout = store, store.layout
+        self.gate, self.order = threading.Event(), []
+
+    def read(self, layer, expert, dest):
+        self.order.append((layer, expert))
+        if len(self.order) == 1:
+            self.gate.wait(5)
+        return self.store.read(layer, expert, dest)
+
+    def close(self):
+        self.store.close()
+
+
+def test_hints_read_in_need_order_and_two_layers_ahead_only_on_an_idle_disk():
+    with lowmoe.Engine.from_pretrained(expert_cache="25%", predictor="nextgate", lookahead=2) as e:
+        ex, layers, k = e.model.experts, e.config.moe_layers, e.config.top_k
+        store = ex.tier.store = GatedStore(ex.tier.store)
+        ranked = np.arange(e.config.num_experts)[::-1]
+        ex.hint(layers[2], ranked, 2)  # the disk is idle: N+2's hints read
+        while not store.order:
+            pass
+        ex.hint(layers[3], ranked, 2)  # busy: nothing more for two layers ahead
+        ex.hint(layers[1], ranked, 1)  # the next layer's hints queue ahead of N+2's
+        assert sorted(ex.staged) == sorted((layer, int(x)) for layer in layers[1:3] for x in ranked[:k])
+        store.gate.set()
+        for req in ex.staged.values():
+            ex.reader.wait(req)
+        first = (layers[2], int(ranked[0]))
+        assert store.order == [first] + [(layers[1], int(x)) for x in ranked[:k]] + [
+            (layers[2], int(x)) for x in ranked[1:k]]
 
 
 class LastRankWrong:

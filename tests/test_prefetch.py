@@ -1,4 +1,4 @@
-"""The read scheduler: demand reads go before hints, duplicate requests merge, ready signals fire."""
+"""The read scheduler: reads go in need order (demand, then hints by layer and rank), duplicate requests merge, ready signals fire."""
 
 import threading
 
@@ -51,8 +51,21 @@ def test_demand_before_hints_merging_and_ready_signals():
     for req in [first, *hints, demand]:
         r.wait(req)
         assert np.all(slab.block(req.slot) == req.key[0] * 16 + req.key[1])
-    assert store.order == [(0, 0), (2, 0), (1, 2), (1, 0), (1, 1)]
+    assert store.order == [(0, 0), (1, 2), (2, 0), (1, 0), (1, 1)]  # demands by layer, then hints
     assert r.in_flight == 0 and r.bytes_read == 5 * store.layout.block
+    r.close()
+
+
+def test_reads_go_in_need_order():
+    """Demand first, then hints by the layer that will need them, then by the predictor's rank,
+    whatever the order they came in: N+2's hints, then N+1's refined ones, then a demand."""
+    store, slab, r, first = _blocked_reader()
+    reqs = [r.submit((3, 5), 1, HINT, 0), r.submit((3, 6), 2, HINT, 1),
+            r.submit((2, 7), 3, HINT, 1), r.submit((2, 4), 4, HINT, 0), r.submit((1, 3), 5, DEMAND)]
+    store.gate.set()
+    for req in [first, *reqs]:
+        r.wait(req)
+    assert store.order == [(0, 0), (1, 3), (2, 4), (2, 7), (3, 5), (3, 6)]
     r.close()
 
 

@@ -18,7 +18,7 @@ def add_arguments(p):
     p.add_argument("--storage", default=None, choices=("checkpoint", "packed", "ram"),
                    help="slow tier (default: packed if the folder is packed, else checkpoint)")
     p.add_argument("--repeats", type=int, default=3, help="runs of each strategy (default 3); the median is reported")
-    p.add_argument("--lookahead", type=int, default=None, choices=(1, 2), help="MoE layers ahead hints cover (default 1)")
+    p.add_argument("--lookahead", type=int, default=None, choices=(1, 2), help="MoE layers ahead hints cover (default 1; 2: the layer after next too, while the disk is idle)")
     p.add_argument("--no-refine", dest="refine", action="store_false", default=None,
                    help="hint each MoE layer once, from the layer before, without ranking it again on its own input")
     p.add_argument("--readers", type=int, default=None, help="reader threads (default 1)")

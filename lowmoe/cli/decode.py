@@ -62,7 +62,8 @@ def add_engine_arguments(p):
     p.add_argument("--no-refine", dest="refine", action="store_false", default=None,
                    help="hint each MoE layer once, from the layer before, without ranking it again on its own input")
     p.add_argument("--lookahead", type=int, default=None, choices=(1, 2),
-                   help="MoE layers ahead that hints cover (default 1; nextgate and oracle can look 2 ahead)")
+                   help="MoE layers ahead that hints cover (default 1; with 2, nextgate and oracle also hint "
+                   "the layer after next while the disk is idle)")
     p.add_argument("--oracle-trace", default=None, metavar="FILE",
                    help="for --predictor oracle: the --trace file of an earlier run of the same input "
                    "(perfect hints, the ceiling for benchmarks)")

@@ -191,10 +191,14 @@ class OffloadedExperts:
     def layout(self):
         return self.slab.layout
 
-    def hint(self, layer, ranked):
+    def hint(self, layer, ranked, distance=1):
         """Starts reads of the most likely experts of `layer` (see hint_width) that are not cached,
         most likely first, into free staging slots. Evicts nothing: the cache changes only when
-        the gating fires."""
+        the gating fires. A hint for `distance` 2 MoE layers ahead reads only while the disk is
+        idle (nothing queued or in flight once the next layer's hints are in): a read, once
+        started, cannot be overtaken, and one for N+2 would hold up N+1's demand reads."""
+        if distance > 1 and self.reader.in_flight:
+            return
         self._sweep()
         self.predicted[layer] = self.early[layer] = ranked
         self._read_ahead(layer, ranked, "early")
@@ -215,7 +219,7 @@ class OffloadedExperts:
         self._read_ahead(layer, ranked, "refined")
 
     def _read_ahead(self, layer, ranked, stage):
-        for e in ranked[: self.hint_width(stage)]:
+        for rank, e in enumerate(ranked[: self.hint_width(stage)]):
             key = (layer, int(e))
             if key in self.cache or key in self.staged:
                 continue
@@ -225,7 +229,7 @@ class OffloadedExperts:
             slot = self.cache.stage()
             if slot is None:
                 break
-            self.staged[key] = self.reader.submit(key, slot, HINT)
+            self.staged[key] = self.reader.submit(key, slot, HINT, rank)
 
     def hint_width(self, stage="early"):
         """How many of the predicted experts to read: the leading ranks (at most top-k) whose

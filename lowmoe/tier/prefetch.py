@@ -1,7 +1,9 @@
 """The read scheduler: reader threads that move experts from the slow tier into slots.
 
-Requests wait in a priority queue (demand reads, which decode is waiting for, before hints);
-a second request for an expert already queued or in flight merges with the first (and can raise
+Requests wait in a priority queue, in the order decode will need them: demand reads (decode is
+waiting for them) before hints, and within each class by layer, then by the predictor's rank (a
+hint of layer N+1 before one of N+2 however late it came, the most likely expert first); a
+second request for an expert already queued or in flight merges with the first (and can raise
 its priority); a queued hint that turned out unneeded is cancelled before it takes disk time.
 A hint raised to demand while a reader has it keeps its new priority: the fill function looks
 at it once the read has landed (`reading()`; the GPU tier then copies it on its demand stream).
@@ -30,10 +32,11 @@ def reading():
 
 
 class Request:
-    def __init__(self, key, slot, priority):
+    def __init__(self, key, slot, priority, rank):
         self.key = key  # (layer, expert)
         self.slot = slot
-        self.priority = priority
+        self.priority = priority  # DEMAND or HINT
+        self.need = (key[0], rank)  # the order within a priority: layer, then the predictor's rank
         self.ready = threading.Event()
         self.error = None
         self.nbytes = 0
@@ -49,7 +52,7 @@ class ReadScheduler:
     def __init__(self, fill, threads=2, timeout_s=30.0):
         self.fill = fill
         self.timeout_s = timeout_s
-        self.queue = []  # heap of (priority, seq, Request); stale entries are skipped
+        self.queue = []  # heap of (priority, need, seq, Request); stale entries are skipped
         self.seq = itertools.count()
         self.pending = {}  # key -> Request, queued or in flight
         self.lock = threading.Lock()
@@ -65,8 +68,9 @@ class ReadScheduler:
         for t in self.threads:
             t.start()
 
-    def submit(self, key, slot, priority=DEMAND):
-        """Queues a read of expert `key` into `slot`; returns its Request (merged with a pending one)."""
+    def submit(self, key, slot, priority=DEMAND, rank=0):
+        """Queues a read of expert `key` into `slot`, the predictor's `rank`-th most likely of its
+        layer; returns its Request (merged with a pending one)."""
         with self.lock:
             req = self.pending.get(key)
             if req is not None:
@@ -74,10 +78,10 @@ class ReadScheduler:
                     raise ValueError(f"expert {key} is already being read into slot {req.slot}, not {slot}")
                 self._raise(req, priority)
                 return req
-            req = Request(key, slot, priority)
+            req = Request(key, slot, priority, rank)
             self.pending[key] = req
             self.max_in_flight = max(self.max_in_flight, len(self.pending))
-            heapq.heappush(self.queue, (priority, next(self.seq), req))
+            heapq.heappush(self.queue, (priority, req.need, next(self.seq), req))
             self.wake.notify()
             return req
 
@@ -92,7 +96,7 @@ class ReadScheduler:
         if priority < req.priority:
             req.priority = priority
             if not req.taken:
-                heapq.heappush(self.queue, (priority, next(self.seq), req))
+                heapq.heappush(self.queue, (priority, req.need, next(self.seq), req))
 
     def cancel(self, req):
         """Drops a queued read that no one needs any more (a hint the gating did not choose), so
@@ -132,7 +136,7 @@ class ReadScheduler:
                     self.wake.wait()
                 if self.closed:
                     return
-                _, _, req = heapq.heappop(self.queue)
+                req = heapq.heappop(self.queue)[-1]
                 if req.taken:  # a stale entry left by a priority raise
                     continue
                 req.taken = True
