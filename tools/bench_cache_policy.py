@@ -14,6 +14,15 @@ misses, unpin; at cache sizes of 10%, 25%, 50% and 75% of all (layer, expert) ke
 (Belady's MIN: no policy without foresight does better). The hit rate counts every access,
 including the cold start.
 
+Then what an online policy could still learn, on the same traces:
+- "static": the best fixed set of experts chosen from the whole trace's counts (hindsight
+  frequencies), plus top_k slots that rotate for the rest: what any frequency-based policy aims at;
+- "decayed lfu": evict the fewest accesses, each weighed down with a half-life of 128 tokens
+  (frequencies that follow a change of topic);
+- the default SLRU that never evicts an expert the true routing uses within a horizon: the rest of
+  the token (what a perfect predictor of the token's later layers knows), the next token, the next
+  two. Where pinning them leaves nothing to evict, the SLRU's own victim goes.
+
 Last, the Python cost of each operation at the scale of Qwen3-30B-A3B (48 x 128 experts, top-8,
 a cache of 25%), on synthetic skewed routing.
 """
@@ -23,10 +32,11 @@ import math
 import os
 import sys
 import time
+from collections import Counter
 
 import numpy as np
 
-from lowmoe.tier.cache import SlruCache
+from lowmoe.tier.cache import CacheFull, SlruCache
 
 PROMPTS = [
     "In the beginning God created the heaven and the earth.",
@@ -83,19 +93,60 @@ def held_out_trace(engine, tokens):
     return trace
 
 
-def replay(trace, slots, probation, fraction):
-    """Hit rate of `trace` through a cache of `slots`, run the way the engine runs a layer."""
+def replay(trace, slots, probation="lfu", fraction=0.75, horizon=None):
+    """Hit rate of `trace` through a cache of `slots`, run the way the engine runs a layer.
+    horizon(i) -> j: the experts of the next j layer steps after step i are pinned too (foresight)."""
     cache = SlruCache(slots, protected_fraction=fraction, probation=probation)
     hits = total = 0
-    for layer, experts in trace:
+    for i, (layer, experts) in enumerate(trace):
         keys = [(layer, e) for e in experts]
+        soon = [] if horizon is None else [(l, e) for l, es in trace[i + 1 : i + 1 + horizon(i)] for e in es]
+        soon = [k for k in soon if k in cache and k not in keys]
         cache.pin(keys)
+        cache.pin(soon)
         for key in keys:
-            if cache.touch(key) is None:
-                cache.insert(key)
-            else:
+            if cache.touch(key) is not None:
                 hits += 1
+                continue
+            try:
+                cache.insert(key)
+            except CacheFull:  # foresight pinned every other entry: evict without it
+                cache.unpin(soon)
+                soon = []
+                cache.insert(key)
         cache.unpin(keys)
+        cache.unpin(soon)
+        total += len(keys)
+    return hits / total
+
+
+def static_best(trace, slots, top_k):
+    """Hit rate of the slots - top_k most used experts of the whole trace, held fixed (the
+    top_k other slots hit nothing: each layer's misses rotate through them)."""
+    counts = Counter((layer, e) for layer, experts in trace for e in experts)
+    return sum(n for _, n in counts.most_common(slots - top_k)) / sum(counts.values())
+
+
+def decayed_lfu(trace, slots, half_life_steps):
+    """Hit rate when the victim is the unpinned entry with the fewest accesses, each weighed
+    down by half every `half_life_steps` layer steps."""
+    rate = math.log(2) / half_life_steps
+    weight, cache, hits, total = {}, set(), 0, 0  # key -> (weight, step it was last updated)
+
+    def now_weight(key, step):
+        w, then = weight.get(key, (0.0, step))
+        return w * math.exp(-rate * (step - then))
+
+    for step, (layer, experts) in enumerate(trace):
+        keys = [(layer, e) for e in experts]
+        for key in keys:
+            if key in cache:
+                hits += 1
+            else:
+                if len(cache) == slots:
+                    cache.remove(min((k for k in cache if k not in keys), key=lambda k: now_weight(k, step)))
+                cache.add(key)
+            weight[key] = (now_weight(key, step) + 1, step)
         total += len(keys)
     return hits / total
 
@@ -117,13 +168,22 @@ def optimal(trace, slots):
     return hits / sum(len(now) for now in future)
 
 
-def print_table(name, trace, num_keys):
+def print_table(name, trace, num_keys, layers, top_k):
     print(f"\n{name}: {len(trace)} layer steps, {num_keys} keys; hit rate by cache size (% of keys)")
     print("probation  protected " + "".join(f"{s:>9.0%}" for s in SIZES))
+    sizes = [round(s * num_keys) for s in SIZES]
     for probation, fraction in POLICIES:
-        rates = [replay(trace, round(s * num_keys), probation, fraction) for s in SIZES]
+        rates = [replay(trace, n, probation, fraction) for n in sizes]
         print(f"{probation:<10} {fraction:>9} " + "".join(f"{r:>9.1%}" for r in rates))
-    print("optimum              " + "".join(f"{optimal(trace, round(s * num_keys)):>9.1%}" for s in SIZES))
+    print("optimum              " + "".join(f"{optimal(trace, n):>9.1%}" for n in sizes))
+    print("what an online policy could learn:")
+    rows = [("static (hindsight counts)", lambda n: static_best(trace, n, top_k)),
+            ("decayed lfu (128 tokens)", lambda n: decayed_lfu(trace, n, 128 * layers))]
+    for label, horizon in [("rest of the token", lambda i: layers - 1 - i % layers),
+                           ("next token", lambda i: layers), ("next 2 tokens", lambda i: 2 * layers)]:
+        rows.append((f"default + foresight: {label}", lambda n, h=horizon: replay(trace, n, horizon=h)))
+    for label, rate in rows:
+        print(f"{label:<37}" + "".join(f"{rate(n):>9.1%}" for n in sizes))
 
 
 def synthetic_trace(layers, experts, top_k, tokens, rng):
@@ -179,13 +239,15 @@ def main():
     cfg = engine.config
     engine.model.experts = Recorder(engine.model.experts)
     num_keys = len(cfg.moe_layers) * cfg.num_experts
-    print_table(f"generated ({len(PROMPTS)} prompts x {args.new_tokens} tokens)", generated_trace(engine, args.new_tokens), num_keys)
+    layers = len(cfg.moe_layers)
+    print_table(f"generated ({len(PROMPTS)} prompts x {args.new_tokens} tokens)", generated_trace(engine, args.new_tokens),
+                num_keys, layers, cfg.top_k)
     try:
         trace = held_out_trace(engine, args.held_out_tokens)
     except ImportError as e:
         print(f"\nheld-out: skipped ({e})")
     else:
-        print_table(f"held-out (last {len(trace) // len(cfg.moe_layers)} tokens of the KJV)", trace, num_keys)
+        print_table(f"held-out (last {len(trace) // layers} tokens of the KJV)", trace, num_keys, layers, cfg.top_k)
 
     print("\ncost in Python, 48 x 128 experts, top-8, cache of 25% (1536 slots), synthetic routing:")
     print("probation  touch(hit) us  insert(evict) us  pin+unpin(8 keys) us")
