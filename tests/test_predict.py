@@ -67,6 +67,18 @@ def test_hints_never_change_what_the_cache_holds(predictor):
         assert _cache_states(e) == reactive
 
 
+def test_a_cache_of_every_expert_keeps_the_hints_it_read():
+    """Where every expert fits, an unchosen hint's finished read stays cached (nothing is
+    evicted for it): after every step the cache holds all the reactive run holds, and more."""
+    with lowmoe.Engine.from_pretrained(expert_cache="100%", predictor="none") as e:
+        reactive = _cache_states(e)
+    with lowmoe.Engine.from_pretrained(expert_cache="100%", predictor="nextgate") as e:
+        e.model.predictor = Wrong(e)
+        kept = _cache_states(e)
+    assert all(r.keys() <= k.keys() for r, k in zip(reactive, kept))
+    assert any(len(k) > len(r) for r, k in zip(reactive, kept))
+
+
 @pytest.mark.parametrize("refine", [False, True])
 def test_recall_and_prefetch_stats_match_a_recount(refine):
     """topk_recall and recall_at_2k count the final hints (refined on each layer's input, or the

@@ -249,11 +249,17 @@ class OffloadedExperts:
     def _sweep(self):
         """Returns the staging slots of unchosen hints whose reads have finished. One still in
         flight keeps its slot (the read is writing there) and its key (a later request for the
-        expert takes it over instead of reading it a second time)."""
+        expert takes it over instead of reading it a second time). Where the cache can hold every
+        expert, a finished one is admitted instead: it evicts nothing (a free slot always
+        exists), and releasing it would read the expert again when the gating picks it later
+        (from a cold cache at 100%, predictors ran 0.87-0.92x reactive for that)."""
         for key, req in list(self.releasing.items()):
             if req.ready.is_set():
-                self.cache.release(req.slot)
                 del self.releasing[key]
+                if self.plan.slots == self.plan.experts and req.error is None:
+                    self.cache.admit(key, req.slot)
+                else:
+                    self.cache.release(req.slot)
 
     def reset_stats(self):
         self.layer_stats = {layer: LayerStats() for layer in self.cfg.moe_layers}
