@@ -12,6 +12,7 @@ COMMANDS = {
     "pack": "write an expert-major packed copy of a model for fast expert reads",
     "train-predictor": "fit the learned expert predictor on calibration text, saved beside the model",
     "trace": "print the per-layer expert cache summary of a trace file from `decode --trace`",
+    "quantize": "write a Hugging Face model as a GGUF file in Q8_0, Q4_K_M, Q5_K_M, Q6_K, Q4_K or BF16",
 }
 
 
