@@ -210,3 +210,56 @@ def test_a_failure_midway_leaves_nothing_behind(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         quantize_model(lowmoe.DEFAULT_MODEL, str(tmp_path / "m.gguf"), "q4_k_m")
     assert os.listdir(tmp_path) == []
+
+
+def test_a_hybrid_model_is_written_as_llama_cpps_converter_writes_it(test_models, tmp_path):
+    """Qwen3.5-MoE: the same tensors, shapes and `qwen35moe.*` metadata as the converter's f32 file
+    of the same checkpoint (tests/data/gguf), values equal to its within bf16's rounding (the 1 + w
+    norms, -exp(A_log), the squeezed conv and the DeltaNet's value heads in tiled order included);
+    its Q4_K_M has llama-quantize's formats and decodes as the f32 GGUF of its dequantized weights."""
+    out = str(tmp_path / "hybrid.gguf")
+    quantize_model(test_models["qwen3_5_moe_f32"], out, "bf16")
+    ours, theirs = GGUF(out), GGUF(os.path.join(DATA, "qwen3_5_moe_f32-f32.gguf"))
+    keys = [k for k in theirs.metadata if k.startswith("qwen35moe.")]
+    assert {k: ours.metadata.get(k) for k in keys} == {k: theirs.metadata[k] for k in keys}
+    assert {n: t.shape for n, t in ours.tensors.items()} == {n: t.shape for n, t in theirs.tensors.items()}
+    for name, info in ours.tensors.items():
+        want = theirs.read(name).view(np.float32).reshape(info.shape)
+        raw = ours.read(name)
+        if info.format == "f32":
+            np.testing.assert_allclose(raw.view(np.float32).reshape(info.shape), want, rtol=1e-6, err_msg=name)
+        else:
+            got = gguf.quants.dequantize(raw.reshape(*info.shape[:-1], -1), gguf.GGMLQuantizationType.BF16)
+            np.testing.assert_allclose(got, want, rtol=2**-8, atol=0, err_msg=name)
+    quantize_model(test_models["qwen3_5_moe_f32"], out, "q4_k_m", force=True)
+    assert _formats(out) == _formats(os.path.join(DATA, "qwen3_5_moe_f32-q4_k_m.gguf"))  # llama-quantize's
+    twin = _dequantized_twin(out, str(tmp_path / "twin.gguf"))
+    with lowmoe.Engine.from_pretrained(twin, kv_dtype="f32") as e:
+        want_logits, want = _run(e)
+    with lowmoe.Engine.from_pretrained(out, kv_dtype="f32") as e:
+        logits, tokens = _run(e)
+    assert tokens == want and np.abs(logits - want_logits).max() <= 1e-4 * np.abs(want_logits).max()
+
+
+def _dequantized_twin(path, out):
+    """The GGUF `path` with every tensor dequantized by gguf into f32, metadata as it is: the float
+    reference of a file whose architecture transformers' dequantizing loader (test_gguf_engine)
+    does not cover. lowmoe's f32 path on the converter's own files is held to transformers there."""
+    from lowmoe.load.gguf import TensorInfo, read_file
+    from lowmoe.load.gguf_write import write_gguf
+
+    entries = []
+    _, tensors = read_file(path, entries)
+    model, raw, infos, offset = GGUF(path), out + ".f32", [], 0
+    with open(raw, "wb") as f:
+        for name, info in tensors.items():
+            data = model.read(name)  # the stored bytes, uint8
+            if info.format != "f32":
+                data = gguf.quants.dequantize(data.reshape(*info.shape[:-1], -1), gguf.GGMLQuantizationType(info.ggml_type))
+                data = np.ascontiguousarray(data, np.float32).view(np.uint8).reshape(-1)
+            f.write(data.tobytes())
+            infos.append((name, TensorInfo(raw, offset, data.size, info.shape, 0)))
+            offset += data.size
+    with open(out, "wb") as f:
+        write_gguf(f, entries, infos)
+    return out

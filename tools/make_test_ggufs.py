@@ -6,7 +6,8 @@
 The checkpoints are tools/make_test_models.py's (the same seeds, so the same weights): Mixtral,
 OLMoE and Qwen2-MoE (its variant whose every layer is sparse: the converter cannot express the
 Qwen MoE checkpoints' dense layers), and Qwen3.5-MoE (`--outtype f32 --no-mtp` only, into
-OUTDIR/qwen3_5_moe_f32-f32.gguf), each given a byte-level BPE tokenizer trained on a little
+OUTDIR/qwen3_5_moe_f32-f32.gguf, and its llama-quantize Q4_K_M into OUTDIR/qwen3_5_moe_f32-q4_k_m.gguf),
+each given a byte-level BPE tokenizer trained on a little
 text (the converter needs a vocabulary, and refuses a word-level one for OLMoE and Qwen2-MoE), then
 converted by `convert_hf_to_gguf.py --outtype bf16` and `--outtype q8_0` into
 OUTDIR/<variant>-<outtype>.gguf (OUTDIR defaults to tests/data/gguf), and the bf16 file quantized by
@@ -48,6 +49,9 @@ def main(argv):
         out = os.path.join(outdir, f"{HYBRID}-f32.gguf")
         _convert(src, env, path, "f32", out, "--no-mtp")
         print(out, os.path.getsize(out))
+        quantized = os.path.join(outdir, f"{HYBRID}-q4_k_m.gguf")  # llama-quantize's mix, for `lowmoe quantize`'s tests
+        subprocess.run([os.path.join(llama, "bin", "llama-quantize"), out, quantized, "Q4_K_M"], check=True, capture_output=True)
+        print(quantized, os.path.getsize(quantized))
         for name, path in make_test_models.make_models(tmp, list(VARIANTS)).items():
             bpe_tokenizer(path)
             for outtype in OUTTYPES:
