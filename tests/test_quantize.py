@@ -68,6 +68,10 @@ def test_metadata_is_llama_cpps_converters(written, name):
     assert {k: ours.get(k) for k in keys} == {k: theirs[k] for k in keys}
     for k in ("general.file_type", "general.quantization_version"):
         assert ours[k] == theirs[k]
+    reader = gguf.GGUFReader(files[name, "q4_k_m"])  # gguf's own reader takes the file whole
+    assert {t.name for t in reader.tensors} == set(GGUF(files[name, "q4_k_m"]).tensors)
+    assert set(theirs) - {"general.name", "general.size_label", "general.type"} <= set(reader.fields) | {
+        k for k in theirs if k.startswith("tokenizer.")}
 
 
 def test_the_tokenizer_is_the_converters():

@@ -60,6 +60,8 @@ def test_env_prints_table_on_stderr(traced, monkeypatch, capsys):
     assert cli(["decode", "--prompt-ids", "5,6,7", "--max-new-tokens", "2", "--expert-cache", "25%", "--json"]) == 0
     out, err = capsys.readouterr()
     assert json.loads(out)["tokens"] and "total" in err and "recall" in err
+    # not a terminal: the table at its natural width, every header whole (rich alone cuts it at 80)
+    assert "…" not in err and all(h in err for h in ("prefetched", "read MiB", "waste MiB"))
 
 
 def test_malformed_and_missing_files(traced, tmp_path, capsys):

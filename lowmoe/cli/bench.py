@@ -4,7 +4,6 @@ long context with the expert cache at a fraction of the experts (see lowmoe/cli/
 import gc
 import json
 import os
-import sys
 
 
 def add_arguments(p):
@@ -49,6 +48,7 @@ def main(args):
     from rich.progress import Progress
 
     from lowmoe import DEFAULT_MODEL, Engine
+    from lowmoe.cli.console import table_console
     from lowmoe.cli.benchmark import PROMPT_FILE, STRATEGIES, TEXT_FILE, Bench, check_strategies, context_ids, load_context
     from lowmoe.cli.benchmark import schedule
     from lowmoe.cli.benchmark import summarize
@@ -138,7 +138,7 @@ def main(args):
     if args.json:
         print(json.dumps(result))
         return 0
-    _print_table(result, Console(width=None if sys.stdout.isatty() else 132))
+    _print_table(result, table_console())
     return 0
 
 

@@ -176,11 +176,10 @@ def main(args):
     if stats_path and _has_cache(engine):
         _write_expert_stats(engine, stats_path)
     if summary is not None:
-        from rich.console import Console
-
+        from lowmoe.cli.console import table_console
         from lowmoe.trace import summary_table
 
-        Console(stderr=True).print(summary_table(summary.rows()))
+        table_console(stderr=True).print(summary_table(summary.rows()))
     return 0
 
 

@@ -86,13 +86,14 @@ def main(args):
     if args.json:
         print(json.dumps(info))
         return 0
-    from rich.console import Console
     from rich.table import Table
+
+    from lowmoe.cli.console import table_console
 
     table = Table(show_header=False, box=None)
     for k, v in info.items():
         table.add_row(k.replace("_", " "), _fmt(k, v))
-    Console().print(table)
+    table_console().print(table)
     return 0
 
 

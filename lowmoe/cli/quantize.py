@@ -24,6 +24,7 @@ def main(args):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
     from rich.table import Table
 
+    from lowmoe.cli.console import table_console
     from lowmoe.errors import InputError
     from lowmoe.quantize.mix import TYPES
     from lowmoe.quantize.write import check_paths, quantize_model
@@ -44,7 +45,7 @@ def main(args):
     table.add_column("tensors", justify="right")
     for fmt, n in sorted(summary["tensors"].items()):
         table.add_row(fmt, str(n))
-    Console(width=max(80, Console().width)).print(table)
+    table_console().print(table)
     size, weights = summary["bytes"], summary["weights"]
     print(f"wrote {size / 1e6:.1f} MB, {8 * size / weights:.2f} bits per weight, in {time.perf_counter() - t0:.1f} s")
     if summary["note"]:

@@ -17,8 +17,8 @@ def main(args):
     if args.json:
         print(json.dumps(rows))
         return 0
-    from rich.console import Console
+    from lowmoe.cli.console import table_console
 
     title = f"{header.get('model')}: cache {header.get('expert_cache')}, predictor {header.get('predictor')}"
-    Console().print(summary_table(rows, title=title))
+    table_console().print(summary_table(rows, title=title))
     return 0
