@@ -91,6 +91,7 @@ class Engine:
         self.model = model
         self.tokenizer = tokenizer
         self.no_tokenizer = f"{model_dir}: no tokenizer.json"  # why there is none, for encode's error
+        self.gguf_metadata = None  # a GGUF model's metadata (its chat template, for chat/)
 
     @classmethod
     def from_pretrained(cls, path=DEFAULT_MODEL, device="cpu", **options):
@@ -125,6 +126,7 @@ class Engine:
         model = Model(cfg, weights, experts, ops, predictor, where, refine)
         folder = path if os.path.isdir(path) else os.path.dirname(path)
         engine = cls(path, cfg, options, model, load_tokenizer(folder))
+        engine.gguf_metadata = ckpt.metadata if isinstance(ckpt, GGUF) else None
         if engine.tokenizer is None and isinstance(ckpt, GGUF):  # a tokenizer.json beside the file wins
             try:
                 engine.tokenizer = gguf_tokenizer(ckpt.metadata, path)

@@ -7,6 +7,8 @@ import sys
 
 COMMANDS = {
     "decode": "generate text with a model (default: the bundled model)",
+    "chat": "talk to a chat model in the terminal, through its chat template",
+    "serve": "serve a model over HTTP with an OpenAI-compatible API (/v1/chat/completions, /v1/completions)",
     "bench": "decode speed of reactive, predictive and oracle expert prefetch side by side",
     "info": "print a model's architecture and the bytes of dense vs expert weights",
     "pack": "write an expert-major packed copy of a model for fast expert reads",

@@ -1,8 +1,9 @@
 """Writing the packed, expert-major copy of a model (`lowmoe pack MODEL OUT`).
 
 The packed folder is itself a loadable model:
-- from a model folder: config.json (and tokenizer.json, generation_config.json, the learned
-  predictor's moe_predictor.safetensors when present), copied; dense.safetensors: every tensor
+- from a model folder: config.json (and tokenizer.json, tokenizer_config.json and
+  chat_template.jinja for the chat template, generation_config.json, the learned predictor's
+  moe_predictor.safetensors when present), copied; dense.safetensors: every tensor
   that is not a routed expert, bytes as stored (dtype kept);
 - from a GGUF file (or its splits): dense.gguf, one GGUF with the model's metadata and every tensor
   that is not a routed expert, bytes as stored (block formats kept); a tokenizer.json and the
@@ -35,7 +36,7 @@ from ..predict.learned import FILENAME, predictor_file
 from .slots import aligned_empty
 from .store import FORMAT, GGUF_EXPERTS, INDEX, ROLES, VERSION, expert_tensors, is_packed, open_store
 
-COPIED = ("config.json", "tokenizer.json", "generation_config.json", FILENAME)
+COPIED = ("config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json", FILENAME)
 DENSE, BLOB = "dense.safetensors", "experts.bin"
 
 
