@@ -21,6 +21,7 @@ def add_arguments(p):
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    p.add_argument("--ignore-eos", action="store_true", help="decode all --max-new-tokens, past any EOS (benchmarks)")
     p.add_argument("--trace", default=None, metavar="FILE",
                    help="write a JSONL trace of the expert cache, one line per decode token and MoE layer "
                    "(needs an expert cache; overrides a path in SHARPI_TRACE_MOE); read it with `lowmoe trace FILE`")
@@ -205,7 +206,8 @@ def _run_live(engine, ids, args, dashboard):
 
     tokens = []
     with Live(get_renderable=dashboard.render, refresh_per_second=4):
-        for token in engine.stream(ids, args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed):
+        for token in engine.stream(ids, args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed,
+                                   stop_at_eos=not args.ignore_eos):
             tokens.append(token)
             dashboard.token(engine.decode(tokens))
 
@@ -213,7 +215,8 @@ def _run_live(engine, ids, args, dashboard):
 def _run(engine, ids, args, t0):
     """Streams the tokens to stdout, or prints the JSON object."""
     stats = {}
-    stream = engine.stream(ids, args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed, stats=stats)
+    stream = engine.stream(ids, args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed,
+                           stop_at_eos=not args.ignore_eos, stats=stats)
     tokens, shown = [], ""
     first_token_s = None
     for token in stream:
