@@ -33,7 +33,9 @@ class Server:
         self.server = uvicorn.Server(uvicorn.Config(make_app(self.api), host="127.0.0.1", port=port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
+        deadline = time.time() + 30
         while not self.server.started:
+            assert self.thread.is_alive() and time.time() < deadline, "the server did not start"
             time.sleep(0.01)
         self.url = f"http://127.0.0.1:{port}"
         self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="none", max_retries=0)
