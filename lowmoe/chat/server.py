@@ -183,9 +183,11 @@ class Api:
                              code="model_not_found")
 
     def encode(self, text, param):
+        """A rendered chat is tokenized without the tokenizer's own BOS (the template writes its
+        own, as transformers' apply_chat_template tokenizes it); a raw prompt with it, as decode."""
         if self.engine.tokenizer is None:
             raise BadRequest(f"{self.engine.no_tokenizer}: this server takes no text", param=param)
-        ids = self.engine.tokenizer.encode(text).ids
+        ids = self.engine.tokenizer.encode(text, add_special_tokens=param != "messages").ids
         if not ids:
             raise BadRequest("the prompt is empty", param=param)
         return ids

@@ -94,7 +94,8 @@ def _turn(engine, session, template, messages, args):
     """Prefills the rendered conversation, streams the reply to stdout -> (reply text, stats)."""
     from lowmoe.chat.session import TextStream
 
-    ids = engine.encode(template.render(messages, add_generation_prompt=True))
+    # without the tokenizer's own BOS: the template writes its own (as transformers tokenizes a chat)
+    ids = engine.tokenizer.encode(template.render(messages, add_generation_prompt=True), add_special_tokens=False).ids
     t0 = time.perf_counter()
     engine.model.experts.reset_stats()
     reused = session.prefill(ids)
