@@ -180,7 +180,11 @@ def test_the_importance_matrix_is_the_mean_squared_input_of_each_matrix():
             np.testing.assert_allclose(got[name], w, rtol=2e-3, atol=1e-7)
 
 
-def test_cli_writes_a_file_and_refuses_bad_input(tmp_path, capsys):
+def test_cli_writes_a_file_and_refuses_bad_input(tmp_path, tmp_path_factory, capsys):
+    from lowmoe.tier.pack import pack_model
+
+    packed = str(tmp_path_factory.mktemp("packed") / "p")
+    pack_model(lowmoe.DEFAULT_MODEL, packed)
     out = str(tmp_path / "m.gguf")
     assert cli(["quantize", lowmoe.DEFAULT_MODEL, out, "--type", "q8_0"]) == 0
     assert "bits per weight" in capsys.readouterr().out
@@ -190,7 +194,8 @@ def test_cli_writes_a_file_and_refuses_bad_input(tmp_path, capsys):
              ([str(tmp_path / "missing"), str(tmp_path / "x.gguf"), "--type", "q8_0"], "no such model folder"),
              ([lowmoe.DEFAULT_MODEL, str(tmp_path / "no" / "x.gguf"), "--type", "q8_0"], "does not exist"),
              ([lowmoe.DEFAULT_MODEL, str(tmp_path), "--type", "q8_0"], "is a folder"),
-             ([os.path.join(DATA, "olmoe_bf16-bf16.gguf"), str(tmp_path / "x.gguf"), "--type", "q8_0"], "already a GGUF")]
+             ([os.path.join(DATA, "olmoe_bf16-bf16.gguf"), str(tmp_path / "x.gguf"), "--type", "q8_0"], "already a GGUF"),
+             ([packed, str(tmp_path / "x.gguf"), "--type", "q8_0"], "`lowmoe pack` wrote")]
     for argv, message in cases:
         assert cli(["quantize", *argv]) == 2
         err = capsys.readouterr().err.strip()

@@ -16,6 +16,7 @@ import numpy as np
 from ..errors import InputError
 from ..load.checkpoint import Checkpoint
 from ..load.config import load_model_config
+from ..tier.store import is_packed
 from . import hf_gguf, kquants, mix
 from .gguf_vocab import add_vocab
 
@@ -33,6 +34,8 @@ def check_paths(model_dir, out, force):
     `force`), is a folder, or lies in a folder that cannot be written."""
     if os.path.isfile(model_dir) and model_dir.endswith(".gguf"):
         raise InputError(f"{model_dir}: already a GGUF file; lowmoe quantize reads a Hugging Face model folder")
+    if is_packed(model_dir):
+        raise InputError(f"{model_dir}: a folder `lowmoe pack` wrote; quantize the model folder it was packed from")
     if os.path.isdir(out):
         raise InputError(f"{out}: is a folder; give the path of the .gguf file to write")
     if os.path.exists(out) and not force:
