@@ -135,7 +135,6 @@ def test_the_importance_matrix_is_the_mean_squared_input_of_each_matrix():
     import torch
     import transformers
 
-    from lowmoe.load.checkpoint import Checkpoint
     from lowmoe.quantize.imatrix import collect
 
     ids = list(range(5, 300, 3))
@@ -155,7 +154,7 @@ def test_the_importance_matrix_is_the_mean_squared_input_of_each_matrix():
     with torch.no_grad():
         hf(torch.tensor([ids]))
     with lowmoe.Engine.from_pretrained(kv_dtype="f32") as e:
-        got = collect(e, Checkpoint(lowmoe.DEFAULT_MODEL), ids)
+        got = collect(e, ids)
         cfg = e.config
     want = {name: (x * x).mean(0) for name, x in inputs.items() if isinstance(name, str)}
     for i, layer in enumerate(hf.model.layers):

@@ -24,7 +24,6 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import lowmoe  # noqa: E402
-from lowmoe.load.checkpoint import Checkpoint  # noqa: E402
 from lowmoe.quantize.imatrix import WINDOW, collect  # noqa: E402
 from lowmoe.quantize.write import quantize_model  # noqa: E402
 
@@ -61,7 +60,7 @@ def main():
     with lowmoe.Engine.from_pretrained(args.model) as e:
         ids = e.encode(open(args.eval, encoding="utf-8").read())[: args.tokens]
         calib = e.encode(open(args.calib, encoding="utf-8").read())[: args.calib_tokens]
-        importance = collect(e, Checkpoint(args.model), calib)
+        importance = collect(e, calib)
     ref = log_probs(args.model, ids)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -9,14 +9,14 @@ a prefix of `ids` whole, else it starts over. The logits of the last prompt toke
 sample, so a prompt the cache already holds whole has its last token run again (attention only;
 a hybrid starts over then too).
 
-`generate` samples from there and runs each sampled token through the model except the last, so
-the cache ends up holding the prompt and every generated token but the final one, which the next
-turn's prompt (the template renders the reply back) brings in again.
+`generate` samples from there (Engine.stream_from) and runs each sampled token through the model
+except the last, so the cache ends up holding the prompt and every generated token but the final
+one, which the next turn's prompt (the template renders the reply back) brings in again.
 """
 
 import numpy as np
 
-from ..sampling import check_params, sample
+from ..engine import Context
 from ..tier import vram
 
 
@@ -35,7 +35,7 @@ class Session:
     def reset(self):
         self.kv = None
         self.ids = []  # the ids whose state the cache holds, in order
-        self.logits = None  # f32[V] after the last of them
+        self.logits = None  # f32[V] after the last prompt token prefill ran
 
     def prefill(self, ids):
         """Makes the cache hold `ids` (a non-empty list) -> how many of them it held already."""
@@ -61,24 +61,18 @@ class Session:
         self.ids = self.ids + list(ids)
 
     def generate(self, max_new_tokens, temperature=0.0, top_p=1.0, top_k=0, seed=None, stop_ids=(), stats=None):
-        """Yields sampled token ids after what prefill gave the cache; ends after a stop id (yielded)
-        or max_new_tokens. `stats`, a dict, gets decode_tokens and decode_s."""
-        import time
-
-        check_params(temperature, top_p, top_k)
-        rng = np.random.default_rng(seed)
-        stats = {} if stats is None else stats
-        stats.update(decode_tokens=0, decode_s=0.0)
-        for n in range(max_new_tokens):
-            token = sample(self.logits, temperature, top_p, top_k, rng)
+        """Yields sampled token ids after what prefill gave the cache (Engine.stream_from, `stats`
+        as there), ending after a stop id (yielded) or max_new_tokens. A token has been run
+        through the model, and joins `ids`, by the time the next one is yielded."""
+        context = Context(self.kv, self.logits, len(self.ids))  # no saved recurrent state: the cache's is live
+        previous = None
+        for token in self.engine.stream_from(context, max_new_tokens, temperature, top_p, top_k, seed, False, stats):
+            if previous is not None:
+                self.ids.append(previous)
             yield token
-            if token in stop_ids or n + 1 == max_new_tokens:
+            if token in stop_ids:
                 return
-            t = time.perf_counter()
-            self.engine.model.experts.token = n
-            self._run([token])
-            stats["decode_s"] += time.perf_counter() - t
-            stats["decode_tokens"] += 1
+            previous = token
 
 
 class TextStream:
@@ -93,6 +87,12 @@ class TextStream:
         text = self.tokenizer.decode(self.ids)
         if text.endswith("\ufffd"):
             return ""
+        new, self.sent = text[self.sent :], len(text)
+        return new
+
+    def rest(self):
+        """What push held back (an incomplete UTF-8 sequence at the end), once no token follows."""
+        text = self.tokenizer.decode(self.ids)
         new, self.sent = text[self.sent :], len(text)
         return new
 

@@ -97,20 +97,19 @@ def _turn(engine, session, template, messages, args):
     # without the tokenizer's own BOS: the template writes its own (as transformers tokenizes a chat)
     ids = engine.tokenizer.encode(template.render(messages, add_generation_prompt=True), add_special_tokens=False).ids
     t0 = time.perf_counter()
-    engine.model.experts.reset_stats()
     reused = session.prefill(ids)
     stats = {"prompt_tokens": len(ids), "reused_tokens": reused, "prefill_s": time.perf_counter() - t0}
     stop = () if args.ignore_eos else template.stop_ids
     out = TextStream(engine.tokenizer)
     tokens = []
     for token in session.generate(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed, stop, stats):
-        if token in stop:
-            break
+        if token in stop:  # the last one: generate ends after it
+            continue
         tokens.append(token)
         sys.stdout.write(out.push(token))
         sys.stdout.flush()
-    sys.stdout.write("\n")
-    stats.update(new_tokens=len(tokens), **engine.model.experts.stats())
+    sys.stdout.write(out.rest() + "\n")
+    stats["new_tokens"] = len(tokens)  # stream_from added the decode steps' time and expert-cache counters
     return out.text() if tokens else "", stats
 
 

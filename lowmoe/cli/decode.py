@@ -214,22 +214,20 @@ def _run_live(engine, ids, args, dashboard):
 
 def _run(engine, ids, args, t0):
     """Streams the tokens to stdout, or prints the JSON object."""
+    from lowmoe.chat.session import TextStream
+
     stats = {}
     stream = engine.stream(ids, args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed,
                            stop_at_eos=not args.ignore_eos, stats=stats)
-    tokens, shown = [], ""
+    tokens, text = [], TextStream(engine.tokenizer) if engine.tokenizer is not None else None
     first_token_s = None
     for token in stream:
         if first_token_s is None:
             first_token_s = time.perf_counter() - t0
         tokens.append(token)
-        if not args.json and engine.tokenizer is not None:
-            text = engine.decode(tokens)
-            # Print only the stable new suffix: a partial UTF-8 sequence decodes to U+FFFD until complete.
-            if not text.endswith("\ufffd"):
-                sys.stdout.write(text[len(shown):])
-                sys.stdout.flush()
-                shown = text
+        if not args.json and text is not None:
+            sys.stdout.write(text.push(token))
+            sys.stdout.flush()
         elif not args.json:
             sys.stdout.write(f"{token} ")
             sys.stdout.flush()
@@ -244,4 +242,4 @@ def _run(engine, ids, args, t0):
         out.update({k: v for k, v in stats.items() if k not in out})
         print(json.dumps(out))
     else:
-        sys.stdout.write(engine.decode(tokens)[len(shown):] + "\n")
+        sys.stdout.write((text.rest() if text is not None else "") + "\n")

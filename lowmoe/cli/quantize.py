@@ -56,7 +56,6 @@ def main(args):
 def _importance(args):
     import lowmoe
     from lowmoe.errors import InputError
-    from lowmoe.load.checkpoint import Checkpoint
     from lowmoe.quantize.imatrix import collect
 
     try:
@@ -66,4 +65,4 @@ def _importance(args):
         raise InputError(f"{args.calib}: cannot read calibration text ({getattr(e, 'strerror', None) or e})") from None
     with lowmoe.Engine.from_pretrained(args.model) as engine:
         ids = engine.encode(text)[: args.calib_tokens]
-        return collect(engine, Checkpoint(args.model), ids)
+        return collect(engine, ids)

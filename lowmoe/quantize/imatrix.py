@@ -7,12 +7,14 @@ The model runs in lowmoe (windows of WINDOW tokens, each from an empty context) 
 linears and MLPs observed from outside: `Model._linear` and `Model._ffn` (dense and shared MLPs)
 are wrapped on the instance, and the routed experts by a stand-in for `model.experts` that sees
 each expert's rows. The down projections' inputs, silu(gate x) * (up x), are computed here in
-float32 from the checkpoint's gate and up weights (the kernels keep them internal).
+float32 from the resident experts' gate and up weights (the kernels keep them internal).
 """
 
 import numpy as np
 
+from ..errors import InputError
 from ..load.checkpoint import to_f32
+from ..tier.experts import ResidentExperts
 
 WINDOW = 512  # tokens per calibration window (llama-imatrix's default context)
 
@@ -57,17 +59,19 @@ def _silu_product(x, gate, up):
 
 
 class _Experts:
-    """Stands in for model.experts: notes each expert's rows, then computes as the real one."""
+    """Stands in for model.experts (ResidentExperts): notes each expert's rows, then computes as the
+    real one, whose slab holds the gate and up weights the down projection's input needs."""
 
-    def __init__(self, inner, sums, cfg, ckpt):
-        self.inner, self.sums, self.cfg, self.ckpt = inner, sums, cfg, ckpt
+    def __init__(self, inner, sums, cfg):
+        self.inner, self.sums, self.cfg = inner, sums, cfg
 
     def forward(self, layer, u, idx, w):
         u32 = np.asarray(u, np.float32)
-        E = self.cfg.num_experts
+        E, inner = self.cfg.num_experts, self.inner
         for e in np.unique(idx):
             rows = u32[(idx == e).any(1)]
-            gate, up, _ = (self.ckpt.read_f32(n) for n in self.cfg.expert_tensor_names(layer, int(e)))
+            f = inner.slab.ffn(inner.slot[(layer, int(e))], inner.layout.of(layer))
+            gate, up = (to_f32(m, f.dtype.upper()) for m in (f.gate, f.up))
             for role in ("gate", "up"):
                 self.sums.add(f"blk.{layer}.ffn_{role}_exps.weight", rows, int(e), E)
             self.sums.add(f"blk.{layer}.ffn_down_exps.weight", _silu_product(rows, gate, up), int(e), E)
@@ -92,10 +96,12 @@ def _names(weights, tied):
     return names
 
 
-def collect(engine, ckpt, ids):
+def collect(engine, ids):
     """{GGUF name: f32[cols] or f32[E, cols]} over the token ids `ids`, run through `engine` (an
-    Engine of the checkpoint `ckpt`, experts resident or cached)."""
+    Engine of a Hugging Face checkpoint with every expert resident)."""
     model, cfg, sums = engine.model, engine.config, _Sums()
+    if not isinstance(model.experts, ResidentExperts):
+        raise InputError(f"{engine.model_dir}: calibration runs with every expert resident, not an expert cache")
     names = _names(model.w, cfg.tie_word_embeddings)
     linear, ffn = model._linear, model._ffn
 
@@ -114,7 +120,7 @@ def collect(engine, ckpt, ids):
 
     model._linear, model._ffn = observed_linear, observed_ffn
     inner = model.experts
-    model.experts = _Experts(inner, sums, cfg, ckpt)
+    model.experts = _Experts(inner, sums, cfg)
     try:
         for start in range(0, len(ids), WINDOW):
             engine.logits(ids[start : start + WINDOW])  # every position's logits: the lm_head sees every token

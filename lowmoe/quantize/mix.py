@@ -20,7 +20,6 @@ import re
 # --type -> (base format, general.file_type: llama.cpp's LLAMA_FTYPE_MOSTLY_*)
 TYPES = {"q8_0": ("q8_0", 7), "q4_k_m": ("q4_k", 15), "q5_k_m": ("q5_k", 17), "q6_k": ("q6_k", 18),
          "q4_k": ("q4_k", 14), "bf16": ("bf16", 32)}
-BLOCK = {"q4_k": 256, "q5_k": 256, "q6_k": 256, "q8_0": 32, "q5_0": 32, "q5_1": 32, "bf16": 1, "f16": 1, "f32": 1}
 _FALLBACK = {"q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
 _LAYER = re.compile(r"blk\.(\d+)\.")
 
@@ -81,9 +80,16 @@ def _rule(name, kind, base, tied, num_layers, num_experts, i_v, n_v):
     return base, i_v
 
 
+def _block(fmt):
+    """Elements per block of a format (gguf's sizes)."""
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    return GGML_QUANT_SIZES[GGMLQuantizationType[fmt.upper()]][0]
+
+
 def _fit(fmt, cols, output):
     """The format itself where rows of `cols` fit its blocks, else llama.cpp's fallback."""
-    if cols % BLOCK[fmt] == 0:
+    if cols % _block(fmt) == 0:
         return fmt
     fmt = "q8_0" if output else _FALLBACK.get(fmt, fmt)
-    return fmt if cols % BLOCK[fmt] == 0 else "f16"
+    return fmt if cols % _block(fmt) == 0 else "f16"

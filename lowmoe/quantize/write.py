@@ -20,12 +20,11 @@ from ..tier.store import is_packed
 from . import hf_gguf, kquants, mix
 from .gguf_vocab import add_vocab
 
-_BYTES = {"f32": (1, 4), "f16": (1, 2), "bf16": (1, 2), "q8_0": (32, 34), "q5_0": (32, 22), "q5_1": (32, 24),
-          "q4_k": (256, 144), "q5_k": (256, 176), "q6_k": (256, 210)}  # format -> (block elements, block bytes)
-
-
 def nbytes(fmt, shape):
-    elements, size = _BYTES[fmt]
+    """Bytes of a tensor of `shape` in format `fmt` (gguf's sizes of each type's blocks)."""
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    elements, size = GGML_QUANT_SIZES[GGMLQuantizationType[fmt.upper()]]
     return int(np.prod(shape)) // elements * size
 
 
